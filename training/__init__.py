@@ -1,0 +1,1 @@
+"""Distilling teacher scores into new checkpoints."""

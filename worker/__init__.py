@@ -1,0 +1,1 @@
+"""Scoring path and the pieces training shares with it."""

@@ -1,0 +1,94 @@
+"""The one settings object, built at the edge (environment, ``.env`` or CLI) and passed down.
+
+Every knob that changes behaviour lives here with its default and the reason for it, so an operator reads one
+file. Environment variables are ``MODERATION_<FIELD>``; ``REDIS_URL`` and ``SENTRY_DSN`` are also honoured
+because every deployment tool already sets them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path.home() / ".moderation"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MODERATION_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    # --- where things live ------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MODERATION_REDIS_URL", "REDIS_URL", "redis_url"),
+        description="Broker and decision store. Unset: commands that need Redis start a private one.",
+    )
+    home: Path = Field(DEFAULT_HOME, description="Local state: default registry, caches, private Redis.")
+    checkpoint: str | None = Field(
+        None, description="Checkpoint directory or s3:// prefix to serve. Unset: the registry's current."
+    )
+    registry: str | None = Field(None, description="Registry root (directory or s3://bucket/prefix).")
+    namespace: str = Field("moderation", description="Prefix of every Redis key and stream we own.")
+
+    # --- fetch --------------------------------------------------------------------------------------
+    s3_endpoint_url: str | None = Field(None, description="Any S3-compatible store (MinIO, R2, moto).")
+    s3_region: str = "us-east-1"
+    https_allow_hosts: list[str] = Field(
+        default_factory=list, description="Hosts an https:// image_uri may name; empty means none."
+    )
+    max_bytes: int = Field(25 * 1024 * 1024, description="Byte cap per image, checked while streaming.")
+    connect_timeout_s: float = 3.0
+    read_timeout_s: float = 10.0
+    fetch_retries: int = Field(2, description="Retries of transient fetch failures, with backoff.")
+
+    # --- decode -------------------------------------------------------------------------------------
+    max_pixels: int = Field(
+        50_000_000, description="Pixel cap checked from the header, before decoding (decompression bombs)."
+    )
+    allowed_formats: list[str] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"],
+        description="Pillow format names we decode; everything else is unsupported_format.",
+    )
+
+    # --- model --------------------------------------------------------------------------------------
+    device: str = Field("auto", description="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    num_crops: int | None = Field(None, description="Crops per image; unset: the checkpoint's value.")
+    aggregation: Literal["max", "mean"] | None = Field(None, description="Unset: the checkpoint's value.")
+    compile: bool = Field(False, description="torch.compile the model (slow start, faster steady state).")
+    golden_tolerance: float = Field(0.05, description="Allowed golden-score drift when validating a model.")
+
+    # --- batching -----------------------------------------------------------------------------------
+    max_batch: int = Field(64, description="Crops per model call at most.")
+    max_wait_ms: float = Field(20.0, description="Longest a crop waits for its batch to fill.")
+    decode_threads: int = Field(4, description="Threads that fetch and decode while the model runs.")
+
+    # --- delivery -----------------------------------------------------------------------------------
+    visibility_timeout_s: int = Field(
+        300, description="Unacked messages of a dead worker are redelivered after this long."
+    )
+    prefetch: int = Field(256, description="Messages a worker holds unacked; bounds loss-free batching.")
+    max_deliveries: int = Field(3, description="Deliveries before an event is dead-lettered.")
+    webhook_secret: str | None = Field(None, description="HMAC-SHA256 key that signs webhook bodies.")
+
+    # --- operations ---------------------------------------------------------------------------------
+    sentry_dsn: str | None = Field(
+        None, validation_alias=AliasChoices("MODERATION_SENTRY_DSN", "SENTRY_DSN", "sentry_dsn")
+    )
+    metrics_port: int | None = Field(None, description="Serve Prometheus metrics on this port.")
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "INFO"
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    @property
+    def default_registry(self) -> str:
+        return self.registry or str(self.home / "registry")

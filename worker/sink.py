@@ -1,0 +1,176 @@
+"""Where decisions go: the one place that knows the Redis key layout the pipeline, page and trainer share.
+
+Keys (``ns`` = settings.namespace)::
+
+    {ns}:decision:{event_id}   JSON Decision; written with SET NX, so a redelivered event cannot decide twice
+    {ns}:item:{item_id}        event_id of the item's latest decision (an override rewrites the decision)
+    {ns}:decisions             stream: one entry per decision or override, for the upload pipeline
+    {ns}:review                sorted set of event_ids awaiting a moderator, by ai_score (highest first)
+    {ns}:overrides             stream: append-only audit log of moderator actions
+    {ns}:deadletter            stream: events that could not be decided, with the reason
+
+The first write of a decision and its stream entry and review-queue entry happen in one MULTI/EXEC after the
+NX check, so a crash between them cannot leave a decision without its stream entry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from worker.records import Decision, Verdict, utcnow
+
+STREAM_MAXLEN = 1_000_000
+
+
+@dataclass(frozen=True)
+class Keys:
+    ns: str
+
+    def decision(self, event_id: str) -> str:
+        return f"{self.ns}:decision:{event_id}"
+
+    def item(self, item_id: str) -> str:
+        return f"{self.ns}:item:{item_id}"
+
+    @property
+    def decisions(self) -> str:
+        return f"{self.ns}:decisions"
+
+    @property
+    def review(self) -> str:
+        return f"{self.ns}:review"
+
+    @property
+    def overrides(self) -> str:
+        return f"{self.ns}:overrides"
+
+    @property
+    def deadletter(self) -> str:
+        return f"{self.ns}:deadletter"
+
+
+# Lua keeps the NX check and the three writes atomic and in one round trip.
+_WRITE_ONCE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('SET', KEYS[2], ARGV[2])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'event_id', ARGV[2], 'decision', ARGV[1])
+  if ARGV[3] == '1' then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[2]) end
+  return 1
+end
+return 0
+"""
+
+
+class DecisionStore:
+    def __init__(self, client: redis.Redis, namespace: str = "moderation") -> None:
+        self.r: Any = client  # redis-py's stubs type stream replies too loosely to be useful
+        self.keys = Keys(namespace)
+        self._write_once = client.register_script(_WRITE_ONCE)
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str = "moderation") -> DecisionStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True), namespace)
+
+    # --- writes by the worker ---------------------------------------------------------------------
+    def write(self, decision: Decision) -> bool:
+        """Record a decision once; returns False if this event was already decided (a redelivery)."""
+        return bool(self._write_args(self.r, decision))
+
+    def write_many(self, decisions: Iterable[Decision]) -> list[bool]:
+        pipe = self.r.pipeline(transaction=False)
+        for d in decisions:
+            self._write_args(pipe, d)
+        return [bool(x) for x in pipe.execute()]
+
+    def _write_args(self, client: Any, d: Decision) -> Any:
+        keys = [
+            self.keys.decision(d.event_id),
+            self.keys.item(d.item_id),
+            self.keys.decisions,
+            self.keys.review,
+        ]
+        review = "1" if d.verdict == Verdict.REVIEW else "0"
+        argv: list[str | float] = [d.to_json(), d.event_id, review, d.ai_score or 0.0, STREAM_MAXLEN]
+        return self._write_once(keys=keys, args=argv, client=client)
+
+    def dead_letter(self, reason: str, detail: str, raw: str | bytes | None = None, **fields: str) -> str:
+        body = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else (raw or "")
+        entry = {"reason": reason, "detail": detail[:2000], "raw": body[:100_000], "at": utcnow().isoformat()}
+        entry.update({k: str(v) for k, v in fields.items()})
+        return str(self.r.xadd(self.keys.deadletter, entry, maxlen=STREAM_MAXLEN, approximate=True))
+
+    # --- reads -------------------------------------------------------------------------------------
+    def get(self, event_id: str) -> Decision | None:
+        raw = self.r.get(self.keys.decision(event_id))
+        return None if raw is None else Decision.from_json(raw)
+
+    def get_item(self, item_id: str) -> Decision | None:
+        event_id = self.r.get(self.keys.item(item_id))
+        return None if event_id is None else self.get(str(event_id))
+
+    def get_many(self, event_ids: list[str]) -> list[Decision | None]:
+        if not event_ids:
+            return []
+        raws = self.r.mget([self.keys.decision(e) for e in event_ids])
+        return [None if r is None else Decision.from_json(r) for r in raws]
+
+    def review_queue(self, offset: int = 0, limit: int = 50) -> list[tuple[str, float]]:
+        """(event_id, ai_score), highest score first."""
+        rows = self.r.zrevrange(self.keys.review, offset, offset + limit - 1, withscores=True)
+        return [(str(e), float(s)) for e, s in rows]
+
+    def review_count(self) -> int:
+        return int(self.r.zcard(self.keys.review))
+
+    def dead_letters(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
+        return [(str(i), dict(f)) for i, f in self.r.xrange(self.keys.deadletter, count=count)]
+
+    # --- writes by moderators ----------------------------------------------------------------------
+    def override(self, event_id: str, verdict: Verdict, moderator: str, note: str = "") -> Decision:
+        """Replace a decision's verdict, audit it, publish it and take the item off the review queue."""
+        current = self.get(event_id)
+        if current is None:
+            raise KeyError(event_id)
+        updated = current.model_copy(
+            update={"verdict": verdict, "source": f"moderator:{moderator}", "decided_at": utcnow()}
+        )
+        audit = {
+            "event_id": event_id,
+            "item_id": current.item_id,
+            "image_uri": current.image_uri,
+            "moderator": moderator,
+            "previous_verdict": current.verdict.value,
+            "verdict": verdict.value,
+            "ai_score": "" if current.ai_score is None else repr(current.ai_score),
+            "model_version": current.model_version or "",
+            "note": note[:2000],
+            "at": utcnow().isoformat(),
+        }
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self.keys.decision(event_id), updated.to_json())
+        pipe.xadd(self.keys.overrides, audit)
+        pipe.xadd(
+            self.keys.decisions,
+            {"event_id": event_id, "decision": updated.to_json()},
+            maxlen=STREAM_MAXLEN,
+            approximate=True,
+        )
+        pipe.zrem(self.keys.review, event_id)
+        pipe.execute()
+        return updated
+
+    def overrides(self, count: int | None = None) -> list[dict[str, str]]:
+        return [dict(f) for _, f in self.r.xrange(self.keys.overrides, count=count)]
+
+
+def decision_from_stream(fields: dict[str, str]) -> Decision:
+    return Decision.from_json(fields["decision"])
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=str)
