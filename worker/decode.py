@@ -16,21 +16,26 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from worker.errors import DecodeError, ErrorReason
 
-# Formats we recognise by their first bytes but will not decode: reported as unsupported, not as garbage.
+# Non-raster formats recognised by their first bytes: reported as unsupported, not as garbage.
 _FOREIGN_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"%PDF", "PDF"),
     (b"<svg", "SVG"),
     (b"<?xml", "SVG/XML"),
     (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
     (b"PK\x03\x04", "ZIP"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"8BPS", "PSD"),
 )
 _FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
 
 
 def _sniff_foreign(data: bytes) -> str | None:
+    """Name a format we will not decode: one Pillow knows but is not allowed, or a known non-raster one."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as other:  # header only; pixels are never decoded here
+                return str(other.format)
+    except Exception:
+        pass
     head = data[:64].lstrip()
     for magic, name in _FOREIGN_MAGIC:
         if head.startswith(magic):
@@ -46,7 +51,9 @@ def decode_image(data: bytes, *, max_pixels: int, allowed_formats: Sequence[str]
     """Decode to RGB (first frame, EXIF orientation applied); raise :class:`DecodeError` otherwise."""
     if not data:
         raise DecodeError(ErrorReason.EMPTY_FILE, "zero bytes")
-    allowed = [f.upper() for f in allowed_formats]
+    Image.init()  # registers plugins once; a no-op afterwards
+    # MPO (multi-picture JPEG) is opened by the JPEG plugin, so it is allowed through "JPEG".
+    allowed = [f.upper() for f in allowed_formats if f.upper() in Image.OPEN]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

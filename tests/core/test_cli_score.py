@@ -1,0 +1,60 @@
+"""The ``moderation`` command as a user runs it: a real subprocess, real files, real output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import subprocess_env
+from worker.records import Decision, Verdict
+from worker.samples import sample_labels, sample_paths
+
+
+def run(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        cwd=cwd,
+        env=subprocess_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_checkpoint_init_then_score_samples_as_json(tmp_path: Path) -> None:
+    init = run("checkpoint", "init", "--arch", "test_convnext", "--out", "ck", cwd=tmp_path)
+    assert init.returncode == 0, init.stderr
+    assert (tmp_path / "ck" / "manifest.json").is_file()
+
+    out = run("score", "--checkpoint", "ck", "--samples", "--json", "nope.jpg", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    decisions = [Decision.from_json(line) for line in out.stdout.splitlines()]
+    assert len(decisions) == len(sample_paths()) + 1 == len(sample_labels()) + 1
+    assert decisions[0].verdict == Verdict.ERROR and decisions[0].reason is not None
+    assert all(d.verdict != Verdict.ERROR for d in decisions[1:])
+
+    table = run("score", "--checkpoint", "ck", str(sample_paths()[0]), cwd=tmp_path, COLUMNS="200")
+    assert table.returncode == 0, table.stderr
+    assert sample_paths()[0].name in table.stdout and "verdict" in table.stdout
+
+
+def test_missing_checkpoint_gives_a_clear_error(tmp_path: Path) -> None:
+    out = run("score", "x.jpg", cwd=tmp_path, MODERATION_HOME=str(tmp_path / "home"))
+    assert out.returncode == 2
+    assert "no checkpoint" in out.stderr and "checkpoint init" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_checkpoint_show_verifies_and_prints_the_manifest(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    out = run("checkpoint", "show", str(tiny_checkpoint), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads(out.stdout)
+    assert manifest["arch"] == "test_convnext" and len(manifest["weights_sha256"]) == 64
+
+
+def test_help_everywhere(tmp_path: Path) -> None:
+    for args in ((), ("score",), ("checkpoint",), ("checkpoint", "init")):
+        out = run(*args, "--help", cwd=tmp_path)
+        assert out.returncode == 0 and "Usage" in out.stdout, (args, out.stderr)
