@@ -174,6 +174,18 @@ def checkpoint_show(
     console.print_json(json.dumps(ckpt.manifest.model_dump(mode="json")))
 
 
+# --- command groups owned by other modules (one line each; keep this block at the bottom) ---------------
+# queue worker (issue 3)
+
+# registry and hot reload (issue 4)
+
+# training (issue 5)
+
+# review page (issue 6)
+
+# operations (issue 7)
+
+
 def main() -> None:
     app()
 

@@ -82,6 +82,16 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
 
+    # --- queue worker (issue 3) ----------------------------------------------------------------------
+
+    # --- model registry and hot reload (issue 4) -----------------------------------------------------
+
+    # --- training (issue 5) --------------------------------------------------------------------------
+
+    # --- review page (issue 6) -----------------------------------------------------------------------
+
+    # --- operations (issue 7) ------------------------------------------------------------------------
+
     def resolved_device(self) -> str:
         import torch
 
