@@ -180,6 +180,9 @@ def checkpoint_show(
 # registry and hot reload (issue 4)
 
 # training (issue 5)
+from worker import cli_training  # noqa: E402
+
+cli_training.register(app)
 
 # review page (issue 6)
 
