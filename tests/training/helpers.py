@@ -11,7 +11,7 @@ from tests.conftest import subprocess_env
 
 def run_cli(*args: str, cwd: Path, timeout: float = 240, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", "worker", *args],
         cwd=cwd,
         env=subprocess_env(**env),
         capture_output=True,

@@ -119,7 +119,7 @@ def test_overrides_file_latest_wins_and_cli_report(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "worker.cli",
+            "worker",
             *("labels", "report", "-l", "l.csv"),
             *("--overrides-file", "ov.csv", "--json"),
         ],
@@ -134,7 +134,7 @@ def test_overrides_file_latest_wins_and_cli_report(tmp_path: Path) -> None:
     assert rep["validation"]["by_reason"]["duplicate_uri"] == 1
     assert rep["summary"]["overridden"] == 1 and rep["summary"]["positives"] == 1
     bad = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "labels", "report", "-l", "nope.csv"],
+        [sys.executable, "-m", "worker", "labels", "report", "-l", "nope.csv"],
         cwd=tmp_path,
         env=subprocess_env(),
         capture_output=True,

@@ -1,0 +1,112 @@
+"""Gate and publish: a candidate replaces ``current`` only if it is not worse where it matters.
+
+Two checks, both on the serving path (checkpoint loaded and validated like a worker would):
+
+* held-out set: candidate ROC-AUC >= current ROC-AUC - ``tolerance``;
+* override regression set (items whose moderator override contradicted the model): the candidate must agree
+  with the moderators on at least as many of them as ``current`` does, so a retrain cannot silently undo a
+  correction a human made.
+
+With no ``current`` yet, the first candidate passes (there is nothing to regress from).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+from sklearn.metrics import roc_auc_score
+
+from training.data import ImageSource, hard_labels
+from training.evaluate import score_with_checkpoint
+from worker.checkpoint import read_manifest
+from worker.registry import Registry
+from worker.settings import Settings
+
+
+class GateCheck(BaseModel):
+    name: str
+    candidate: float | None
+    current: float | None
+    passed: bool
+    detail: str = ""
+
+
+class GateResult(BaseModel):
+    candidate_version: str
+    current_version: str | None
+    passed: bool
+    checks: list[GateCheck] = Field(default_factory=list)
+    published: bool = False
+    promoted: bool = False
+
+
+def _auc(df: pd.DataFrame, s: np.ndarray) -> float | None:
+    y = hard_labels(df["ai_score"])
+    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
+
+
+def _agreement(df: pd.DataFrame, s: np.ndarray, review: float) -> float:
+    return float(((s >= review).astype(int) == hard_labels(df["ai_score"])).mean())
+
+
+def gate(
+    candidate: Path,
+    heldout: pd.DataFrame,
+    regression: pd.DataFrame,
+    registry: Registry,
+    settings: Settings,
+    *,
+    tolerance: float = 0.0,
+) -> GateResult:
+    cand = read_manifest(candidate)
+    current_uri = registry.current_uri()
+    result = GateResult(
+        candidate_version=cand.version, current_version=registry.current_version(), passed=True
+    )
+    if current_uri is None:
+        result.checks.append(GateCheck(name="first version", candidate=None, current=None, passed=True))
+        return result
+    src = ImageSource(settings)
+    for name, df in (("heldout_roc_auc", heldout), ("override_agreement", regression)):
+        if df.empty:
+            result.checks.append(
+                GateCheck(name=name, candidate=None, current=None, passed=True, detail="no items")
+            )
+            continue
+        uris = list(df["image_uri"])
+        s_new = score_with_checkpoint(str(candidate), uris, settings, source=src)
+        s_old = score_with_checkpoint(current_uri, uris, settings, source=src)
+        if name == "heldout_roc_auc":
+            new, old = _auc(df, s_new), _auc(df, s_old)
+            ok = new is None or old is None or new >= old - tolerance
+        else:
+            current_review = registry.manifest(result.current_version or "").thresholds.review
+            new = _agreement(df, s_new, cand.thresholds.review)
+            old = _agreement(df, s_old, current_review)
+            ok = new >= old
+        result.checks.append(
+            GateCheck(name=name, candidate=new, current=old, passed=ok, detail=f"{len(df)} items")
+        )
+    result.passed = all(c.passed for c in result.checks)
+    return result
+
+
+def gate_and_publish(
+    candidate: Path,
+    heldout: pd.DataFrame,
+    regression: pd.DataFrame,
+    registry: Registry,
+    settings: Settings,
+    *,
+    tolerance: float = 0.0,
+    by: str = "training",
+) -> GateResult:
+    """Publish the candidate as an immutable version; flip ``current`` to it only if the gate passes."""
+    result = gate(candidate, heldout, regression, registry, settings, tolerance=tolerance)
+    if result.passed:
+        registry.publish(candidate, promote=True, by=by)
+        result.published = result.promoted = True
+    return result
