@@ -464,6 +464,124 @@ def run_gate(
     console.print(f"{verb} [bold]{result.candidate_version}[/] (was {result.current_version}) in {reg.root}")
 
 
+retrain_app = typer.Typer(
+    help="Enqueue a retrain on the training queue; 'retrain status [JOB]' shows it.",
+    invoke_without_command=True,
+)
+
+
+@retrain_app.callback()
+def retrain(
+    ctx: typer.Context,
+    labels: Annotated[
+        str | None, typer.Option("--labels", "-l", help="Labels table (path the trainer sees).")
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-O", help="Recipe option KEY=VALUE (e.g. epochs=5); repeatable."),
+    ] = None,
+    publish: Annotated[bool, typer.Option(help="Gate and publish the result.")] = True,
+    overrides_from_redis: Annotated[bool, typer.Option(help="Merge moderator overrides from Redis.")] = True,
+) -> None:
+    """Send a training job to the {ns}.training Celery queue (run by 'moderation train-worker')."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from training.jobs import JobRequest, submit
+
+    if labels is None:
+        raise fail("--labels is required to start a retrain")
+    options: dict[str, Any] = {}
+    for kv in option or []:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise fail(f"--option expects KEY=VALUE, got {kv!r}")
+        try:
+            options[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip().replace("-", "_")] = value
+    settings = build_settings()
+    if not settings.redis_url:
+        raise fail("no Redis configured: set REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
+    request = JobRequest(
+        labels=labels, options=options, publish=publish, overrides_from_redis=overrides_from_redis
+    )
+    job_id = submit(settings, request)
+    console.print(
+        f"queued training job [bold]{job_id}[/]; follow it with: moderation retrain status {job_id}"
+    )
+
+
+@retrain_app.command("status")
+def retrain_status(
+    job: Annotated[str | None, typer.Argument(help="Job id (default: the latest).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw status hash as JSON.")] = False,
+) -> None:
+    """Show a training job's state and the report of its run."""
+    from training.jobs import JobStore
+
+    settings = build_settings()
+    if not settings.redis_url:
+        raise fail("no Redis configured: set REDIS_URL")
+    store = JobStore.from_settings(settings)
+    job_id = job or next(iter(store.latest()), None)
+    if job_id is None:
+        raise fail("no training jobs yet")
+    status = store.get(job_id)
+    if not status:
+        raise fail(f"unknown training job {job_id!r}")
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    console.print(
+        f"job [bold]{job_id}[/]: [bold]{status.get('state')}[/] (stage {status.get('stage', '-')}); "
+        f"submitted {status.get('submitted_at')}, finished {status.get('finished_at', '-')}"
+    )
+    for key in ("version", "run_dir", "error"):
+        if status.get(key):
+            console.print(f"  {key}: {status[key]}")
+    if status.get("report"):
+        from training.evaluate import EvalReport, summary_lines
+
+        for line in summary_lines(EvalReport.model_validate_json(status["report"])):
+            console.print("  " + line)
+    if status.get("gate"):
+        g = json.loads(status["gate"])
+        console.print(
+            f"  gate: passed={g['passed']} published={g['published']} (current was {g['current_version']})"
+        )
+
+
+def train_worker(
+    hostname: Annotated[str | None, typer.Option(help="Worker name.")] = None,
+) -> None:
+    """Run a Celery worker that consumes only the {ns}.training queue, one job at a time (solo pool)."""
+    import os
+    import socket
+
+    from training.jobs import make_training_app
+    from worker.logs import configure_logging
+    from worker.queue import Queues
+
+    settings = build_settings()
+    if not settings.redis_url:
+        raise fail("no Redis configured: set REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
+    configure_logging(settings)
+    app = make_training_app(settings)
+    w = app.Worker(
+        hostname=f"{hostname or f'{socket.gethostname()}-{os.getpid()}'}@training",
+        pool="solo",
+        concurrency=1,
+        queues=[Queues(settings.namespace).training],
+        loglevel=settings.log_level,
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        quiet=True,
+    )
+    w.start()
+    raise typer.Exit(w.exitcode or 0)
+
+
 def register(app: typer.Typer) -> None:
     """Attach the training commands to the main CLI (one call from worker/cli.py)."""
     app.add_typer(labels_app, name="labels")
@@ -471,3 +589,5 @@ def register(app: typer.Typer) -> None:
     app.command("probe")(probe_command)
     app.command("evaluate")(evaluate_command)
     app.command("gate")(gate_command)
+    app.add_typer(retrain_app, name="retrain")
+    app.command("train-worker")(train_worker)

@@ -1,0 +1,71 @@
+"""Retrain trigger end to end: CLI -> Celery training queue (real Redis) -> real train-worker process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import subprocess_env
+from tests.training.helpers import run_cli
+from training.jobs import JobStore
+from worker.registry import LocalStore, Registry
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_retrain_runs_on_the_training_worker_and_reports(
+    image_set: Path, redis_url: str, tmp_path: Path
+) -> None:
+    env = {
+        "REDIS_URL": redis_url,
+        "MODERATION_NAMESPACE": "tj",
+        "MODERATION_HOME": str(tmp_path / "home"),
+        "MODERATION_DEVICE": "cpu",
+    }
+    log = (tmp_path / "train-worker.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "train-worker", "--hostname", "tw"],
+        cwd=tmp_path,
+        env=subprocess_env(**env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        opts = ("arch=test_resnet", "crop_size=32", "epochs=1", "batch_size=8", "workers=0", "device=cpu")
+        sent = run_cli(
+            "retrain", "-l", str(image_set), *[a for o in opts for a in ("-O", o)], cwd=tmp_path, **env
+        )
+        assert sent.returncode == 0, sent.stderr[-2000:]
+        import redis
+
+        store = JobStore(redis.Redis.from_url(redis_url, decode_responses=True), "tj")
+        job_id = store.latest()[0]
+        assert job_id in sent.stdout
+        deadline = time.monotonic() + 240
+        while store.get(job_id).get("state") in ("queued", "running"):
+            assert proc.poll() is None, (tmp_path / "train-worker.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, store.get(job_id)
+            time.sleep(0.5)
+        status = store.get(job_id)
+        assert status["state"] == "succeeded", status.get("traceback") or status
+        report = json.loads(status["report"])
+        assert report["split"] == "test" and report["test"]["n"] > 0
+        gate = json.loads(status["gate"])
+        assert gate["published"] and gate["current_version"] is None  # first version
+        registry = Registry(LocalStore(tmp_path / "home" / "registry"))
+        assert registry.current_version() == status["version"]
+
+        shown = run_cli("retrain", "status", cwd=tmp_path, COLUMNS="200", **env)
+        assert shown.returncode == 0, shown.stderr
+        assert job_id in shown.stdout and "succeeded" in shown.stdout and "ROC-AUC" in shown.stdout
+        missing = run_cli("retrain", "status", "nope", cwd=tmp_path, **env)
+        assert missing.returncode == 2 and "unknown training job" in missing.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
