@@ -18,3 +18,20 @@ def run_cli(*args: str, cwd: Path, timeout: float = 240, **env: str) -> subproce
         text=True,
         timeout=timeout,
     )
+
+
+def invoke(*args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run the CLI in this process (typer's CliRunner): same code path, none of a subprocess's import time."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+    finally:
+        os.chdir(old)
+    return result.exit_code, result.stdout, result.stderr

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.training.helpers import run_cli
+from tests.training.helpers import invoke
 from training.evaluate import bootstrap, calibration, threshold_for_fpr, threshold_for_precision
 from worker.checkpoint import save_checkpoint
 from worker.model import create_model, data_config
@@ -52,12 +52,12 @@ def test_metric_helpers_on_known_scores() -> None:
 def test_evaluate_cli_report_plots_and_variants(
     image_set: Path, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    out = run_cli(
+    code, _, err = invoke(
         *("evaluate", "-l", str(image_set), "-c", str(tiny_checkpoint), "-o", "ev", "--split", "all"),
-        *("--reencode-quality", "70", "--resize", "0.5", "--n-boot", "100"),
+        *("--reencode-quality", "70", "--resize", "0.5", "--n-boot", "100", "--device", "cpu"),
         cwd=tmp_path,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert code == 0, err[-3000:]
     rep = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert rep["test"]["n"] == 24 and rep["test"]["positives"] == 12
     assert {s["source"] for s in rep["per_source"]} == {"cam", "gen"}
@@ -67,20 +67,20 @@ def test_evaluate_cli_report_plots_and_variants(
     scores = pd.read_csv(tmp_path / "ev" / "scores.csv")
     assert scores["score"].between(0, 1).all() and len(scores) == 24
 
-    probe = run_cli(
+    code, _, err = invoke(
         *("probe", "-l", str(image_set), "--arch", "test_resnet", "--crop-size", "32", "-o", "pr"),
         *("--n-boot", "50", "--device", "cpu"),
         cwd=tmp_path,
     )
-    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert code == 0, err[-3000:]
     prep = json.loads((tmp_path / "pr" / "report.json").read_text())
     assert prep["name"] == "probe:test_resnet" and prep["test"]["n"] > 0
-    again = run_cli(
+    code, out, err = invoke(
         *("evaluate", "-l", str(image_set), "--scores", "pr/scores.csv", "-o", "ev2", "--json"),
         cwd=tmp_path,
     )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(again.stdout)["test"]["n"] == prep["test"]["n"]
+    assert code == 0, err[-3000:]
+    assert json.loads(out)["test"]["n"] == prep["test"]["n"]
 
 
 def test_gate_refuses_a_candidate_that_undoes_moderator_overrides(image_set: Path, tmp_path: Path) -> None:
@@ -99,14 +99,14 @@ def test_gate_refuses_a_candidate_that_undoes_moderator_overrides(image_set: Pat
     env = {"MODERATION_HOME": str(tmp_path / "home")}
     common = ("-l", str(image_set), "--overrides-file", "overrides.csv", "--registry", str(reg_dir))
 
-    first = run_cli("gate", str(says_real), *common, cwd=tmp_path, **env)
-    assert first.returncode == 0, first.stderr[-2000:]
+    code, _, err = invoke("gate", str(says_real), *common, cwd=tmp_path, env=env)
+    assert code == 0, err[-2000:]
     registry = Registry(LocalStore(reg_dir))
     real_version = registry.current_version()
     assert real_version is not None
 
-    worse = run_cli("gate", str(says_ai), *common, cwd=tmp_path, **env)
-    assert worse.returncode == 3, worse.stdout + worse.stderr
-    assert "override_agreement" in worse.stdout and "gate failed" in worse.stderr
+    code, out, err = invoke("gate", str(says_ai), *common, cwd=tmp_path, env=env)
+    assert code == 3, out + err
+    assert "override_agreement" in out and "gate failed" in err
     assert registry.current_version() == real_version
     assert len(registry.versions()) == 1  # a failed candidate is not published at all
