@@ -196,7 +196,23 @@ def build_model(cfg: TrainConfig, settings: Settings) -> tuple[torch.nn.Module, 
         model.load_state_dict(ckpt.model.state_dict())
         return model, ckpt.manifest.version
     weights = resolve_pretrained(cfg.pretrained_file, cfg.arch, settings.home / "cache" / "pretrained")
-    return create_model(cfg.arch, pretrained_file=weights, drop_path_rate=cfg.drop_path), None
+    model = create_model(cfg.arch, pretrained_file=weights, drop_path_rate=cfg.drop_path)
+    if weights is not None:
+        reset_head(model)
+    return model, None
+
+
+def reset_head(model: torch.nn.Module) -> None:
+    """A near-zero new head on a pretrained backbone: start at "no opinion" instead of random large logits.
+
+    Some timm inits scale the head by 1/sqrt(fan_out), i.e. U(-1, 1) for one output over 1280 features, which
+    starts a fine-tune with logits around +-10 and losses near 10 (seen with mobilenetv2_100).
+    """
+    head = model.get_classifier()  # type: ignore[operator]
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.normal_(head.weight, std=1e-3)
+        if head.bias is not None:
+            torch.nn.init.zeros_(head.bias)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
