@@ -369,10 +369,8 @@ def evaluate_command(
                 )
         except CheckpointError as exc:
             raise fail(str(exc)) from exc
-        from pathlib import Path as _P
-
         if not checkpoint.startswith("s3://"):
-            review = read_manifest(_P(checkpoint)).thresholds.review
+            review = read_manifest(Path(checkpoint)).thresholds.review
         name = Path(checkpoint).name
     try:
         report = evaluate_scores(
