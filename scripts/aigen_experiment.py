@@ -18,10 +18,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
-from training.data import assign_splits
 from training.evaluate import (
     evaluate_scores,
     reencode_jpeg,
@@ -34,40 +30,12 @@ from training.labels import load_labels, summarize
 from training.pretrained import resolve_pretrained
 from training.probe import fit_probe
 from training.recipe import TrainConfig, train
+from training.simulate import simulated_teacher
 from worker.model import create_model, data_config
 from worker.registry import LocalStore, Registry
 from worker.settings import Settings
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "aigen-dev"
-
-
-def simulated_teacher(data: Path, pos_share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    m = pd.read_csv(data / "manifest.csv")
-    rng = np.random.default_rng(seed)
-    real, fake = m[m.label == 0], m[m.label == 1]
-    n_pos = round(len(real) * pos_share / (1 - pos_share))
-    fake = fake.sample(n=min(n_pos, len(fake)), random_state=seed)
-    m = pd.concat([real, fake]).sort_values("file").reset_index(drop=True)
-    logit = np.where(m.label == 1, 2.2, -2.2) + rng.normal(0, 1.2, len(m))
-    table = pd.DataFrame(
-        {
-            "image_uri": [str(data / f) for f in m.file],
-            "ai_score": 1 / (1 + np.exp(-logit)),
-            "source": m.source,
-            "group": m.file,
-        }
-    )
-    table["split"] = None
-    teacher, _ = load_labels_frame(table)
-    teacher = assign_splits(teacher, val_frac=0.1, test_frac=0.3, seed=seed)
-    truth = teacher.assign(ai_score=m.label.astype(float).to_numpy())
-    return teacher, truth
-
-
-def load_labels_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, object]:
-    from training.labels import validate
-
-    return validate(df)
 
 
 def main() -> None:
@@ -94,10 +62,10 @@ def main() -> None:
     results: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
 
     t = time.perf_counter()
-    teacher, truth = simulated_teacher(args.data, args.pos_share, args.seed)
+    teacher, truth = simulated_teacher(args.data, pos_share=args.pos_share, seed=args.seed)
     teacher.to_csv(out / "labels.csv", index=False)
     truth.to_csv(out / "truth.csv", index=False)
-    df, report = load_labels(out / "labels.csv")
+    df, _ = load_labels(out / "labels.csv")
     summary = summarize(df)
     results["labels"] = summary.model_dump(mode="json")
     print(
