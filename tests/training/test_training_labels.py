@@ -142,3 +142,20 @@ def test_overrides_file_latest_wins_and_cli_report(tmp_path: Path) -> None:
         timeout=120,
     )
     assert bad.returncode == 2 and "not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_help_for_every_training_command(tmp_path: Path) -> None:
+    from tests.training.helpers import invoke
+
+    for args in (
+        ("labels", "report"),
+        ("train",),
+        ("probe",),
+        ("evaluate",),
+        ("gate",),
+        ("retrain",),
+        ("retrain", "status"),
+        ("train-worker",),
+    ):
+        code, out, err = invoke(*args, "--help", cwd=tmp_path)
+        assert code == 0 and "Usage" in out, (args, err)
