@@ -182,6 +182,10 @@ def checkpoint_show(
 # training (issue 5)
 
 # review page (issue 6)
+from worker.cli_review import labels_export, review_app  # noqa: E402
+
+app.add_typer(review_app, name="review")
+app.command("labels-export")(labels_export)
 
 # operations (issue 7)
 

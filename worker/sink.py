@@ -7,6 +7,7 @@ Keys (``ns`` = settings.namespace)::
     {ns}:decisions             stream: one entry per decision or override, for the upload pipeline
     {ns}:review                sorted set of event_ids awaiting a moderator, by ai_score (highest first)
     {ns}:overrides             stream: append-only audit log of moderator actions
+    {ns}:audit:{event_id}      list: the same audit entries of one event, so an item page reads its history
     {ns}:deadletter            stream: events that could not be decided, with the reason
 
 The first write of a decision and its stream entry and review-queue entry happen in one MULTI/EXEC after the
@@ -16,7 +17,7 @@ NX check, so a crash between them cannot leave a decision without its stream ent
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,9 @@ class Keys:
     @property
     def deadletter(self) -> str:
         return f"{self.ns}:deadletter"
+
+    def audit(self, event_id: str) -> str:
+        return f"{self.ns}:audit:{event_id}"
 
 
 # Lua keeps the NX check and the three writes atomic and in one round trip.
@@ -148,12 +152,15 @@ class DecisionStore:
             "verdict": verdict.value,
             "ai_score": "" if current.ai_score is None else repr(current.ai_score),
             "model_version": current.model_version or "",
+            "previous_source": current.source,
+            "previous_decided_at": current.decided_at.isoformat(),
             "note": note[:2000],
             "at": utcnow().isoformat(),
         }
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self.keys.decision(event_id), updated.to_json())
         pipe.xadd(self.keys.overrides, audit)
+        pipe.rpush(self.keys.audit(event_id), json.dumps(audit))
         pipe.xadd(
             self.keys.decisions,
             {"event_id": event_id, "decision": updated.to_json()},
@@ -166,6 +173,27 @@ class DecisionStore:
 
     def overrides(self, count: int | None = None) -> list[dict[str, str]]:
         return [dict(f) for _, f in self.r.xrange(self.keys.overrides, count=count)]
+
+    # --- reads for the review page (issue 6) --------------------------------------------------------
+    def review_scan(self, chunk: int = 500, limit: int = 100_000) -> Iterator[Decision]:
+        """Decisions awaiting review, highest score first, in chunks (the page filters and sorts them)."""
+        for start in range(0, limit, chunk):
+            ids = [str(e) for e in self.r.zrevrange(self.keys.review, start, min(start + chunk, limit) - 1)]
+            yield from (d for d in self.get_many(ids) if d is not None)
+            if len(ids) < chunk:
+                return
+
+    def in_review(self, event_id: str) -> bool:
+        return self.r.zscore(self.keys.review, event_id) is not None
+
+    def audit_of(self, event_id: str) -> list[dict[str, str]]:
+        """One event's overrides, oldest first."""
+        return [json.loads(x) for x in self.r.lrange(self.keys.audit(event_id), 0, -1)]
+
+    def recent_overrides(self, count: int = 100, before: str = "+") -> list[tuple[str, dict[str, str]]]:
+        """The audit log newest first; ``before`` is an exclusive stream id for paging."""
+        end = before if before == "+" else f"({before}"
+        return [(str(i), dict(f)) for i, f in self.r.xrevrange(self.keys.overrides, end, "-", count=count)]
 
 
 def decision_from_stream(fields: dict[str, str]) -> Decision:
