@@ -4,10 +4,10 @@ Keys (``ns`` = settings.namespace)::
 
     {ns}:decision:{event_id}   JSON Decision; written with SET NX, so a redelivered event cannot decide twice
     {ns}:item:{item_id}        event_id of the item's latest decision (an override rewrites the decision)
+    {ns}:audit:{event_id}      list: one event's override audit entries (copies of {ns}:overrides), its history
     {ns}:decisions             stream: one entry per decision or override, for the upload pipeline
     {ns}:review                sorted set of event_ids awaiting a moderator, by ai_score (highest first)
     {ns}:overrides             stream: append-only audit log of moderator actions
-    {ns}:audit:{event_id}      list: the same audit entries of one event, so an item page reads its history
     {ns}:deadletter            stream: events that could not be decided, with the reason
 
 The first write of a decision and its stream entry and review-queue entry happen in one MULTI/EXEC after the
@@ -38,6 +38,9 @@ class Keys:
     def item(self, item_id: str) -> str:
         return f"{self.ns}:item:{item_id}"
 
+    def audit(self, event_id: str) -> str:
+        return f"{self.ns}:audit:{event_id}"
+
     @property
     def decisions(self) -> str:
         return f"{self.ns}:decisions"
@@ -53,9 +56,6 @@ class Keys:
     @property
     def deadletter(self) -> str:
         return f"{self.ns}:deadletter"
-
-    def audit(self, event_id: str) -> str:
-        return f"{self.ns}:audit:{event_id}"
 
 
 # Lua keeps the NX check and the three writes atomic and in one round trip.

@@ -146,7 +146,7 @@ class Heatmaps:
         box = decision.crops[decision.deciding_crop].box
         img = ensure_min_size(self.images.decoded(decision.image_uri), m.crop_size)
         crop = crop_array(img, box)
-        x = to_input(crop[None], m.mean, m.std, "cpu")
+        x = to_input(np.array(crop[None]), m.mean, m.std, "cpu")  # a writable copy for torch
         with self._lock:
             cam, logit = grad_cam(ckpt.model, x)
         score = float(torch.sigmoid(torch.tensor(logit)))
