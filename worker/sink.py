@@ -4,7 +4,7 @@ Keys (``ns`` = settings.namespace)::
 
     {ns}:decision:{event_id}   JSON Decision; written with SET NX, so a redelivered event cannot decide twice
     {ns}:item:{item_id}        event_id of the item's latest decision (an override rewrites the decision)
-    {ns}:audit:{event_id}      list: one event's override audit entries (copies of {ns}:overrides), its history
+    {ns}:audit:{event_id}      list: one event's override audit entries (copies from {ns}:overrides)
     {ns}:decisions             stream: one entry per decision or override, for the upload pipeline
     {ns}:review                sorted set of event_ids awaiting a moderator, by ai_score (highest first)
     {ns}:overrides             stream: append-only audit log of moderator actions

@@ -5,7 +5,6 @@ shortcuts), a signed session cookie for browsers, bearer tokens for tools. Every
 :meth:`worker.sink.DecisionStore.override`, so the page, the API and any future tool share one audit trail.
 """
 
-
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
