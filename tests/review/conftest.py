@@ -1,8 +1,8 @@
-"""Review-page fixtures: real decisions from a real tiny model in a registry, a real uvicorn server.
+"""Review-page fixtures: decisions from a real worker process, a tiny model in a registry, a real server.
 
-Decisions are made once per module by the real scoring path (fetch, decode, native crops, a timm model from a
-checkpoint published in a registry under tmp) and written with the real sink, so ``model_version`` resolves
-to a registry version exactly as in production and the page computes Grad-CAM with that checkpoint.
+Decisions are made once per module by a real ``moderation worker`` (Celery on the test's Redis) serving a
+checkpoint published in a registry under tmp, so ``model_version`` resolves to a registry version exactly as
+in production and the page computes Grad-CAM with that checkpoint.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import uvicorn
 from PIL import Image
 
 from tests.conftest import free_port
+from tests.worker_proc import running_worker
 from worker.checkpoint import init_checkpoint
-from worker.fetch import Fetcher
-from worker.records import Decision, Event, Thresholds, Verdict
+from worker.producer import Producer
+from worker.records import Decision, Thresholds, Verdict
 from worker.registry import open_registry
 from worker.review.app import create_app
 from worker.review.auth import User, hash_password, token_digest, write_user
 from worker.samples import sample_dir, sample_labels
-from worker.scoring import Scorer, score_events
 from worker.settings import Settings
 from worker.sink import DecisionStore
 
@@ -105,12 +105,14 @@ def decided(
     review_images: list[Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Decided]:
-    """Decisions for every image, made by the real scoring path and written by the real sink.
+    """Decisions for every image, made by a real ``moderation worker`` process fed by the real producer.
 
+    The worker serves the registry's copy of the version, so ``model_version`` names a registry version.
     Each module gets its own Redis namespace, so modules cannot see each other's overrides.
     """
+    home = tmp_path_factory.mktemp("review-home")
     settings = Settings(
-        home=tmp_path_factory.mktemp("review-home"),
+        home=home,
         registry=str(review_registry.root),
         redis_url=redis_server,
         namespace=f"rv{uuid.uuid4().hex[:8]}",
@@ -118,12 +120,16 @@ def decided(
         decode_threads=2,
         log_format="json",
     )
-    scorer = Scorer.load(open_registry(settings).uri_for(review_registry.version), settings)
-    events = [Event(item_id=f"upload-{p.stem}", image_uri=p.as_uri()) for p in review_images]
-    decisions = score_events(events, scorer, Fetcher(settings))
+    checkpoint = open_registry(settings).uri_for(review_registry.version)
+    env = {"MODERATION_NAMESPACE": settings.namespace, "MODERATION_REGISTRY": str(review_registry.root)}
+    producer = Producer(settings)
+    with running_worker(redis_server, home / "worker", checkpoint, env=env):
+        events = [producer.submit(f"upload-{p.stem}", p.as_uri()) for p in review_images]
+        got = producer.wait([e.event_id for e in events], timeout=90)
+    producer.close()
+    assert len(got) == len(events), "the worker did not decide every event"
     store = DecisionStore.from_url(redis_server, settings.namespace)
-    assert all(store.write_many(decisions))
-    yield Decided(settings, store, decisions)
+    yield Decided(settings, store, [got[e.event_id] for e in events])
     keys = list(store.r.scan_iter(f"{settings.namespace}:*"))
     if keys:
         store.r.delete(*keys)
