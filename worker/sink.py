@@ -196,11 +196,16 @@ class DecisionStore:
         return [dict(f) for _, f in self.r.xrange(self.keys.overrides, count=count)]
 
     # --- reads for the review page (issue 6) --------------------------------------------------------
-    def review_scan(self, chunk: int = 500, limit: int = 100_000) -> Iterator[Decision]:
-        """Decisions awaiting review, highest score first, in chunks (the page filters and sorts them)."""
+    def review_scan(self, chunk: int = 500, limit: int = 100_000) -> Iterator[tuple[str, str]]:
+        """(event_id, decision JSON) awaiting review, highest score first, read in chunks of MGET.
+
+        Raw JSON, because the page filters thousands of them on a few fields and parses only what it shows.
+        """
         for start in range(0, limit, chunk):
             ids = [str(e) for e in self.r.zrevrange(self.keys.review, start, min(start + chunk, limit) - 1)]
-            yield from (d for d in self.get_many(ids) if d is not None)
+            if ids:
+                raws = self.r.mget([self.keys.decision(e) for e in ids])
+                yield from ((e, str(raw)) for e, raw in zip(ids, raws, strict=True) if raw is not None)
             if len(ids) < chunk:
                 return
 

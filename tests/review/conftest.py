@@ -1,6 +1,6 @@
 """Review-page fixtures: decisions from a real worker process, a tiny model in a registry, a real server.
 
-Decisions are made once per module by a real ``moderation worker`` (Celery on the test's Redis) serving a
+Decisions are made once per session by a real ``moderation worker`` (Celery on the test's Redis) serving a
 checkpoint published in a registry under tmp, so ``model_version`` resolves to a registry version exactly as
 in production and the page computes Grad-CAM with that checkpoint.
 """
@@ -98,29 +98,20 @@ class Decided:
         )
 
 
-@pytest.fixture(scope="module")
-def decided(
+@pytest.fixture(scope="session")
+def worker_decisions(
     redis_server: str,
     review_registry: Registry,
     review_images: list[Path],
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Decided]:
-    """Decisions for every image, made by a real ``moderation worker`` process fed by the real producer.
+) -> list[Decision]:
+    """Decisions for every image, made once by a real ``moderation worker`` process fed by the real producer.
 
     The worker serves the registry's copy of the version, so ``model_version`` names a registry version.
-    Each module gets its own Redis namespace, so modules cannot see each other's overrides.
     """
-    home = tmp_path_factory.mktemp("review-home")
-    settings = Settings(
-        home=home,
-        registry=str(review_registry.root),
-        redis_url=redis_server,
-        namespace=f"rv{uuid.uuid4().hex[:8]}",
-        device="cpu",
-        decode_threads=2,
-        log_format="json",
-    )
-    checkpoint = open_registry(settings).uri_for(review_registry.version)
+    home = tmp_path_factory.mktemp("review-worker")
+    settings = Settings(home=home, redis_url=redis_server, namespace=f"rvw{uuid.uuid4().hex[:8]}")
+    checkpoint = open_registry(Settings(registry=str(review_registry.root))).uri_for(review_registry.version)
     env = {"MODERATION_NAMESPACE": settings.namespace, "MODERATION_REGISTRY": str(review_registry.root)}
     producer = Producer(settings)
     with running_worker(redis_server, home / "worker", checkpoint, env=env):
@@ -129,7 +120,32 @@ def decided(
     producer.close()
     assert len(got) == len(events), "the worker did not decide every event"
     store = DecisionStore.from_url(redis_server, settings.namespace)
-    yield Decided(settings, store, [got[e.event_id] for e in events])
+    keys = list(store.r.scan_iter(f"{settings.namespace}:*"))
+    store.r.delete(*keys)
+    return [got[e.event_id] for e in events]
+
+
+@pytest.fixture(scope="module")
+def decided(
+    redis_server: str,
+    review_registry: Registry,
+    worker_decisions: list[Decision],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Decided]:
+    """The worker's decisions in a Redis namespace of this module's own, written by the sink call the worker
+    makes, so one module's overrides never show up in another's queue or labels."""
+    settings = Settings(
+        home=tmp_path_factory.mktemp("review-home"),
+        registry=str(review_registry.root),
+        redis_url=redis_server,
+        namespace=f"rv{uuid.uuid4().hex[:8]}",
+        device="cpu",
+        decode_threads=2,
+        log_format="json",
+    )
+    store = DecisionStore.from_url(redis_server, settings.namespace)
+    assert all(store.write_many(worker_decisions))
+    yield Decided(settings, store, list(worker_decisions))
     keys = list(store.r.scan_iter(f"{settings.namespace}:*"))
     if keys:
         store.r.delete(*keys)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from tests.conftest import free_port, subprocess_env
 from tests.review.conftest import Decided
 from worker.cli import app
-from worker.records import Verdict
+from worker.records import Decision, Verdict
 from worker.review.auth import Directory, Role, read_store
 from worker.review.media import image_source
 
@@ -63,8 +63,10 @@ def test_labels_export_writes_the_latest_override_per_image(decided: Decided, tm
 def test_review_scan_reads_the_queue_in_chunks_in_score_order(decided: Decided) -> None:
     store = decided.store
     want = [e for e, _ in store.review_queue(limit=1000)]
-    assert [d.event_id for d in store.review_scan(chunk=3)] == want
-    assert [d.event_id for d in store.review_scan(chunk=3, limit=4)] == want[:4]
+    rows = list(store.review_scan(chunk=3))
+    assert [e for e, _ in rows] == want
+    assert all(Decision.from_json(raw).event_id == e for e, raw in rows)
+    assert [e for e, _ in store.review_scan(chunk=3, limit=4)] == want[:4]
     assert all(store.in_review(e) for e in want) and not store.in_review("nope")
 
 
@@ -99,7 +101,7 @@ def test_add_user_writes_an_argon2_hash_and_a_token_digest(tmp_path: Path) -> No
 def test_review_command_serves_the_page(decided: Decided, tmp_path: Path) -> None:
     port = free_port()
     s = decided.settings
-    cmd = [sys.executable, "-c", "from worker.cli import main; main()", "review", "--port", str(port)]
+    cmd = [sys.executable, "-m", "worker", "review", "--port", str(port)]
     env = subprocess_env(
         REDIS_URL=s.redis_url or "", MODERATION_NAMESPACE=s.namespace, MODERATION_HOME=str(tmp_path)
     )

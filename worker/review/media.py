@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from PIL import Image
 
@@ -84,17 +84,25 @@ def display_size(image_size: tuple[int, int], crop_size: int | None) -> tuple[in
 
 def image_source(decision: Decision) -> str:
     """Where an image came from, for filtering: ``metadata.source`` if the decision carries one, else
-    the bucket (``s3://b``), the host (``https://h``) or the folder name (``file:uploads``)."""
+    :func:`uri_source` of its URI."""
     meta = getattr(decision, "metadata", None)
     if isinstance(meta, dict) and isinstance(meta.get("source"), str) and meta["source"]:
         return str(meta["source"])
-    parts = urlsplit(decision.image_uri)
-    scheme = parts.scheme.lower()
+    return uri_source(decision.image_uri)
+
+
+def uri_source(uri: str) -> str:
+    """The bucket (``s3://b``), the host (``https://h``) or the folder name (``file:uploads``) of a URI.
+
+    String operations only: the queue page calls this for every waiting item.
+    """
+    scheme, sep, rest = uri.partition("://")
+    scheme = scheme.lower() if sep else ""
     if scheme in ("s3", "https", "http"):
-        return f"{scheme}://{parts.netloc}"
-    path = unquote(parts.path) if scheme == "file" else decision.image_uri
-    folder = path.replace("\\", "/").rstrip("/").rsplit("/", 2)
-    return f"file:{folder[-2]}" if len(folder) >= 2 and folder[-2] else "file"
+        return f"{scheme}://{rest.split('/', 1)[0]}"
+    path = unquote(rest) if scheme == "file" else uri
+    parts = path.replace("\\", "/").rstrip("/").rsplit("/", 2)
+    return f"file:{parts[-2]}" if len(parts) >= 2 and parts[-2] else "file"
 
 
 class Images:
