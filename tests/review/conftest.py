@@ -115,7 +115,8 @@ def worker_decisions(
     env = {"MODERATION_NAMESPACE": settings.namespace, "MODERATION_REGISTRY": str(review_registry.root)}
     producer = Producer(settings)
     with running_worker(redis_server, home / "worker", checkpoint, env=env):
-        events = [producer.submit(f"upload-{p.stem}", p.as_uri()) for p in review_images]
+        missing = review_images[0].parent / "deleted-before-decided.jpg"
+        events = [producer.submit(f"upload-{p.stem}", p.as_uri()) for p in [*review_images, missing]]
         got = producer.wait([e.event_id for e in events], timeout=90)
     producer.close()
     assert len(got) == len(events), "the worker did not decide every event"

@@ -57,7 +57,7 @@ def test_moderator_signs_in_reviews_and_overrides_with_a_shortcut(
     shots = os.environ.get("REVIEW_SCREENSHOTS")
     store = review_server.store
     waiting = review_server.decided.review_items()
-    assert len(waiting) >= 3
+    assert len(waiting) >= 4
     top, second = waiting[0], waiting[1]
 
     page = browser.new_page(viewport={"width": 1440, "height": 900}, device_scale_factor=1)
@@ -104,10 +104,17 @@ def test_moderator_signs_in_reviews_and_overrides_with_a_shortcut(
     if shots:
         page.screenshot(path=str(Path(shots) / "review-item.png"), full_page=True)
 
-    page.keyboard.press("r")  # mark real
-    page.wait_for_url(lambda url: second.event_id not in url)
+    page.keyboard.press("r")  # mark real: on to the next item in the same order
+    third, fourth = waiting[2], waiting[3]
+    page.wait_for_url(f"**/items/{third.event_id}*")
     assert "Marked real" in page.inner_text(".flash")
+    page.keyboard.press("s")  # skip: next item, nothing recorded
+    page.wait_for_url(f"**/items/{fourth.event_id}*")
+    assert "Skipped" in page.inner_text(".flash")
+    assert store.in_review(third.event_id) and store.audit_of(third.event_id) == []
     page.close()
+    if shots:
+        admin_screenshot(browser, review_server, Path(shots) / "review-admin.png")
 
     updated = store.get(second.event_id)
     assert updated is not None
@@ -135,6 +142,17 @@ def test_moderator_signs_in_reviews_and_overrides_with_a_shortcut(
     row = labels.iloc[0]
     assert row["image_uri"] == second.image_uri and row["ai_score"] == 0.0
     assert row["override_verdict"] == "allow" and row["moderator"] == "mia"
+
+
+def admin_screenshot(browser: Any, server: Server, path: Path) -> None:
+    page = browser.new_page(viewport={"width": 1440, "height": 900}, device_scale_factor=1)
+    page.goto(f"{server.url}/login?next=/admin")
+    page.fill("input[name=username]", "ada")
+    page.fill("input[name=password]", PASSWORDS["ada"])
+    page.click("button[type=submit]")
+    page.wait_for_url("**/admin")
+    page.screenshot(path=str(path), full_page=True)
+    page.close()
 
 
 def _cli() -> Any:

@@ -229,3 +229,17 @@ def test_images_are_served_upright_and_at_the_crop_boxes_scale(
     r = mia.get(f"/items/{tiny.event_id}/heatmap")
     assert r.status_code == 200 and r.headers["x-heatmap-model-version"] == tiny.model_version
     assert mia.get("/items/nope").status_code == 404
+
+
+def test_an_error_decision_has_a_page_without_image_or_heatmap(
+    review_server: Server, mia: httpx.Client
+) -> None:
+    [error] = [d for d in review_server.decided.decisions if d.verdict == Verdict.ERROR]
+    assert error.reason is not None and error.reason.value == "file_not_found"
+    r = mia.get("/find", params={"item_id": error.item_id})
+    assert r.status_code == 303 and r.headers["location"] == f"/items/{error.event_id}"
+    page = mia.get(r.headers["location"])
+    assert page.status_code == 200 and "file_not_found" in page.text and 'id="heatmap"' not in page.text
+    assert mia.get(f"/items/{error.event_id}/image").status_code == 502
+    assert mia.get(f"/items/{error.event_id}/heatmap").status_code == 404
+    assert mia.get("/find", params={"item_id": "no-such-item"}).status_code == 404
