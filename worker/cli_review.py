@@ -42,6 +42,7 @@ def review(
     from worker.logs import configure_logging
     from worker.review.app import create_app
     from worker.review.auth import UserStoreError, load_users, users_file
+    from worker.sink import DecisionStore
 
     settings = build_settings(redis_url=redis_url, namespace=namespace)
     configure_logging(settings)
@@ -56,7 +57,12 @@ def review(
             f"[yellow]warning:[/] no accounts yet (store: {users_file(settings)}); create one with\n"
             "  moderation review add-user NAME --role admin"
         )
-    app = create_app(settings)
+    store = DecisionStore.from_url(settings.redis_url, settings.namespace)
+    try:
+        store.r.ping()
+    except Exception as exc:  # redis-py raises several connection error types
+        raise fail(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+    app = create_app(settings, store)
     console.print(f"review page on [bold]http://{host}:{port}/[/] (namespace {settings.namespace})")
     uvicorn.run(
         app,
