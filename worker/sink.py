@@ -218,6 +218,8 @@ class DecisionStore:
 
     def recent_overrides(self, count: int = 100, before: str = "+") -> list[tuple[str, dict[str, str]]]:
         """The audit log newest first; ``before`` is an exclusive stream id for paging."""
+        if before == "0-0":
+            return []  # nothing is older; Redis refuses the exclusive range "(0-0"
         end = before if before == "+" else f"({before}"
         return [(str(i), dict(f)) for i, f in self.r.xrevrange(self.keys.overrides, end, "-", count=count)]
 

@@ -15,7 +15,7 @@ from worker.records import Verdict
 from worker.review import queue as review_queue
 from worker.review.context import Ctx
 from worker.review.guards import ApiAdmin, ApiUser
-from worker.review.views import heatmap_response, history, item_json, parse_query
+from worker.review.views import heatmap_response, history, item_json, parse_query, stream_id
 
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -73,4 +73,6 @@ def heatmap(event_id: str, review: Ctx, user: ApiUser) -> Response:
 @router.get("/audit")
 def audit(review: Ctx, user: ApiAdmin, count: int = 100, before: str = "+") -> list[dict[str, str]]:
     """The override audit log, newest first; page with ``before=<id of the last entry>``. Admins only."""
-    return [{"id": i, **f} for i, f in review.store.recent_overrides(max(1, min(count, 1000)), before)]
+    return [
+        {"id": i, **f} for i, f in review.store.recent_overrides(max(1, min(count, 1000)), stream_id(before))
+    ]

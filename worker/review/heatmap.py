@@ -102,16 +102,21 @@ class Heatmaps:
         self._models: LRU[Checkpoint] = LRU(2)
         self._results: LRU[Heatmap] = LRU(settings.review_cache_items)
         self._lock = threading.Lock()  # one Grad-CAM at a time: hooks live on a shared model
+        self._known: dict[str, str] = {}  # registry versions found, by name
 
     def checkpoint_uri(self, decision: Decision) -> tuple[str, bool]:
         """(uri, exact): the registry's copy of the deciding version, else the configured checkpoint."""
         from worker.registry import open_registry
 
-        if decision.model_version:
+        version = decision.model_version
+        if version and version in self._known:
+            return self._known[version], True
+        if version:
             registry = open_registry(self.settings)
             try:
-                registry.manifest(decision.model_version)
-                return registry.uri_for(decision.model_version), True
+                registry.manifest(version)
+                self._known[version] = registry.uri_for(version)  # versions are immutable: remember it
+                return self._known[version], True
             except (CheckpointError, ValueError, OSError):
                 pass
         if self.settings.checkpoint:

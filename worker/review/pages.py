@@ -16,7 +16,7 @@ from worker.review.context import Ctx
 from worker.review.guards import PageAdmin, PageUser, check_post, session_user
 from worker.review.heatmap import HeatmapUnavailable
 from worker.review.media import crop_size_of, display_size, encode, thumbnail
-from worker.review.views import IMAGE_CACHE, heatmap_response, history, parse_query, render
+from worker.review.views import IMAGE_CACHE, heatmap_response, history, parse_query, render, stream_id
 
 router = APIRouter(include_in_schema=False)
 
@@ -182,7 +182,7 @@ def item_heatmap(event_id: str, review: Ctx, user: PageUser) -> Response:
 @router.get("/admin", response_class=HTMLResponse)
 def admin_page(request: Request, review: Ctx, user: PageAdmin, before: str = "+") -> Response:
     store = review.store
-    entries = store.recent_overrides(100, before)
+    entries = store.recent_overrides(100, stream_id(before))
     ctx = {
         "users": review.directory.all(),
         "entries": entries,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,13 @@ def parse_query(pairs: list[tuple[str, str]]) -> QueueQuery:
         return QueueQuery.model_validate({k: v for k, v in pairs if v != ""})
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
+
+
+def stream_id(before: str) -> str:
+    """A Redis stream id (or ``+``) from a query parameter, else a 422 rather than a Redis error."""
+    if before == "+" or re.fullmatch(r"\d{1,20}-\d{1,20}", before):
+        return before
+    raise HTTPException(422, "before must be a stream id like 1764230400000-0")
 
 
 def item_json(d: Decision) -> dict[str, Any]:
