@@ -151,7 +151,7 @@ def test_cross_site_form_posts_are_refused(review_server: Server, mia: httpx.Cli
 
 def test_admin_parts_are_for_admins_only(review_server: Server, mia: httpx.Client) -> None:
     store = review_server.store
-    for d in review_server.decided.review_items()[-2:]:
+    for d in review_server.decided.review_items()[2:4]:
         if not store.audit_of(d.event_id):  # at least two audit entries to page through
             store.override(d.event_id, Verdict.BLOCK, "ada")
     want = [dict(f) for _, f in reversed(store.r.xrange(store.keys.overrides))]
