@@ -44,6 +44,7 @@ def test_labels_export_writes_the_latest_override_per_image(decided: Decided, tm
     assert set(csv.index) == {a.image_uri, b.image_uri, c.image_uri}
     assert untouched.image_uri not in csv.index
     assert csv.loc[a.image_uri, "ai_score"] == 1.0 and csv.loc[a.image_uri, "override_verdict"] == "block"
+    assert (csv["verdict"] == csv["override_verdict"]).all()
     assert csv.loc[b.image_uri, "ai_score"] == 0.0 and csv.loc[b.image_uri, "moderator"] == "ada"
     assert csv.loc[c.image_uri, "ai_score"] == 0.0 and csv.loc[c.image_uri, "previous_verdict"] == "block"
     assert csv.loc[a.image_uri, "source"] == image_source(a) and csv.loc[a.image_uri, "group"] == a.item_id

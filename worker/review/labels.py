@@ -1,6 +1,7 @@
 """Moderator overrides as a labels table the training pipeline reads (overrides win over the teacher).
 
 Columns: ``image_uri, ai_score, source, group, override_verdict, moderator, at`` and, for tracing,
+``verdict`` (the same as ``override_verdict``, the name the trainer's overrides reader expects),
 ``item_id, event_id, previous_verdict, model_version, model_score``. ``ai_score`` is the label, not the
 model's score: a moderator's ``block`` (or ``review``) is 1.0, ``allow`` is 0.0. ``group`` is the item id,
 so a group-aware split never puts two overrides of one item on both sides. When an image was overridden
@@ -23,6 +24,7 @@ COLUMNS = [
     "source",
     "group",
     "override_verdict",
+    "verdict",
     "moderator",
     "at",
     "item_id",
@@ -55,6 +57,7 @@ def override_labels(store: DecisionStore) -> pd.DataFrame:
                 "source": image_source(d) if d is not None else "",
                 "group": e.get("item_id", ""),
                 "override_verdict": e["verdict"],
+                "verdict": e["verdict"],  # the name training.labels.overrides_from_file reads
                 "moderator": e.get("moderator", ""),
                 "at": e.get("at", ""),
                 "item_id": e.get("item_id", ""),
