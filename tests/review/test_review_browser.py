@@ -63,6 +63,9 @@ def test_moderator_signs_in_reviews_and_overrides_with_a_shortcut(
     page = browser.new_page(viewport={"width": 1440, "height": 900}, device_scale_factor=1)
     page.goto(f"{review_server.url}/queue")
     assert "/login" in page.url  # not signed in: sent to the sign-in page
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(shots) / "review-login.png"))
     page.fill("input[name=username]", "mia")
     page.fill("input[name=password]", PASSWORDS["mia"])
     page.click("button[type=submit]")
@@ -75,7 +78,6 @@ def test_moderator_signs_in_reviews_and_overrides_with_a_shortcut(
     for i in range(rows.count()):
         assert loaded(page, f"table.queue tbody tr:nth-child({i + 1}) img.thumb") > 0
     if shots:
-        Path(shots).mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(Path(shots) / "review-queue.png"), full_page=True)
 
     page.keyboard.press("j")
