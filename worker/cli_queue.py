@@ -70,7 +70,12 @@ def worker(
     app.runtime = runtime
     names = Queues(settings.namespace)
     wanted = [getattr(names, q.strip()) for q in queues.split(",") if q.strip()]
-    worker_ready.connect(lambda **_: runtime.mark_ready(), weak=False)
+
+    def on_ready(**_: Any) -> None:
+        _second_signal_exits_now()
+        runtime.mark_ready()
+
+    worker_ready.connect(on_ready, weak=False)
     threads = concurrency or settings.prefetch
     w = app.Worker(
         hostname=f"{runtime.hostname}@moderation",
@@ -88,6 +93,35 @@ def worker(
     finally:
         runtime.close()
     raise typer.Exit(w.exitcode or 0)
+
+
+def _second_signal_exits_now() -> None:
+    """First SIGTERM/SIGINT: Celery's warm shutdown (drain). Second: exit at once.
+
+    Celery ignores a repeated SIGTERM (only SIGINT/SIGQUIT escalate); an operator who signals twice wants the
+    process gone. Events held then are unacked, so Redis hands them to another worker after the visibility
+    timeout: nothing is lost, only delayed.
+    """
+    import structlog
+
+    log = structlog.get_logger("worker")
+    seen: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            seen.append(signum)
+            if len(seen) > 1:
+                log.warning("second_signal_exit_now", signal=signum)
+                os._exit(1)
+            log.info("draining", signal=signum)
+            if callable(previous):
+                previous(signum, frame)
+
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread: keep Celery's handlers
+            return
 
 
 def submit(
