@@ -109,10 +109,13 @@ def _route_stdlib(
 
 
 def install_celery_logging(settings: Settings, component: str = "worker") -> None:
-    """Stop Celery from configuring logging itself: it would install its plain-text format.
+    """Keep a Celery worker's output on the structlog pipeline: one JSON object per line, always.
 
-    Celery skips its own set-up when any receiver is connected to ``setup_logging``; ours configures the
-    same structlog pipeline inside the worker process. Call before the worker starts.
+    Celery skips its own logging set-up (plain-text format) when a receiver is connected to
+    ``setup_logging``; ours configures the structlog pipeline instead. Celery also prints its shutdown
+    banners ("worker: Warm shutdown (MainProcess)") straight to the stdout file descriptor; once the worker
+    is ready we re-install its own signal handlers without the banner and log a structured line instead.
+    Call before the worker starts.
     """
     from celery import signals
 
@@ -120,6 +123,32 @@ def install_celery_logging(settings: Settings, component: str = "worker") -> Non
         configure_logging(settings, component=component)
 
     signals.setup_logging.connect(_setup, weak=False)
+    signals.worker_ready.connect(_structured_shutdown_messages, weak=False)
+
+
+def _structured_shutdown_messages(sender: Any = None, **_: Any) -> None:
+    from celery.apps import worker as celery_worker
+    from celery.platforms import EX_FAILURE
+
+    controller = getattr(sender, "controller", None)
+    if controller is None:
+        return
+    log = get_logger("worker.shutdown")
+
+    def on_term(_: Any) -> None:
+        log.warning("shutdown_requested", how="warm", signal="SIGTERM", hint="finishing in-flight events")
+
+    def on_int(w: Any) -> None:
+        log.warning("shutdown_requested", how="warm", signal="SIGINT", hint="again for a cold shutdown")
+        celery_worker.install_worker_term_hard_handler(w, sig="SIGINT", verbose=False)
+
+    try:
+        celery_worker.install_worker_term_handler(controller, callback=on_term, verbose=False)
+        celery_worker.install_worker_int_handler(
+            controller, callback=on_int, exitcode=EX_FAILURE, verbose=False
+        )
+    except (ValueError, AttributeError, TypeError):  # not the main thread, or another Celery layout
+        log.debug("shutdown_banners_left_as_is")
 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:
