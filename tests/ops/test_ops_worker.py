@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import free_port
 from tests.ops.sentry_sink import sentry_sink
-from tests.worker_proc import running_worker
+from tests.worker_proc import running_worker, start_worker
 from worker.cli import app
 from worker.deadletter import DeadLetterQueue
 from worker.producer import Producer
@@ -56,70 +56,96 @@ def by_label(samples: dict, name: str, label: str) -> dict[str, float]:
     return {dict(k[1])[label]: v for k, v in samples.items() if k[0] == name and v}
 
 
-def test_ops_metrics_match_the_events_processed_and_every_log_line_is_json(
+def _total(scrapes: list[dict], name: str, label: str | None = None) -> dict[str, float] | float:
+    """Sum one metric over several worker processes, as a PromQL ``sum by (label)`` would."""
+    if label is None:
+        return sum(s.get((name, ()), 0.0) for s in scrapes)
+    out: collections.Counter[str] = collections.Counter()
+    for s in scrapes:
+        out.update(by_label(s, name, label))
+    return dict(out)
+
+
+def test_ops_metrics_of_two_worker_processes_add_up_to_the_events_and_every_log_line_is_json(
     redis_url: str, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
+    """Two worker processes, one metrics port each (how several workers per host are scraped)."""
+    ports = [free_port(), free_port()]
     settings = Settings(redis_url=redis_url, home=tmp_path / "home")
-    uris = _images(tmp_path, n_good=12, n_bad=5, n_missing=3)
+    uris = _images(tmp_path, n_good=14, n_bad=5, n_missing=3)
     events = [Event(item_id=f"item-{i}", image_uri=u) for i, u in enumerate(uris)]
-    with (
-        sentry_sink() as sink,
-        running_worker(
-            redis_url,
-            tmp_path / "w",
-            tiny_checkpoint,
-            env={"MODERATION_METRICS_PORT": str(port), "SENTRY_DSN": sink.dsn()},
-        ) as w,
-    ):
-        producer = Producer(settings)
-        producer.submit_many(events)
-        producer.send_raw('{"item_id": "no uri"}')  # malformed: dead-lettered
-        producer.send_raw(events[0].model_dump_json())  # redelivery of a decided event: a duplicate
-        got = producer.wait([e.event_id for e in events], timeout=120)
-        assert len(got) == len(events)
-        verdicts = collections.Counter(d.verdict.value for d in got.values())
-        reasons = collections.Counter(d.reason.value for d in got.values() if d.reason)
-        assert reasons == {"not_an_image": 5, "file_not_found": 3}
+    with sentry_sink() as sink:
+        env = {"SENTRY_DSN": sink.dsn(), "MODERATION_PREFETCH": "8"}
+        workers = [
+            start_worker(
+                redis_url, tmp_path / f"w{i}", tiny_checkpoint, {**env, "MODERATION_METRICS_PORT": str(p)}
+            )
+            for i, p in enumerate(ports)
+        ]
+        try:
+            for w in workers:
+                w.wait_ready()
+            producer = Producer(settings)
+            producer.submit_many(events)
+            producer.send_raw('{"item_id": "no uri"}')  # malformed: dead-lettered
+            producer.send_raw(
+                events[0].model_dump_json()
+            )  # redelivery of an event: counted once as duplicate
+            got = producer.wait([e.event_id for e in events], timeout=120)
+            assert len(got) == len(events)
+            verdicts = collections.Counter(d.verdict.value for d in got.values())
+            reasons = collections.Counter(d.reason.value for d in got.values() if d.reason)
+            assert reasons == {"not_an_image": 5, "file_not_found": 3}
 
-        deadline = time.monotonic() + 30
-        while True:  # metrics are updated right after the decision is written; give the last ones a moment
-            m = scrape(port)
-            counted = by_label(m, "moderation_decisions_total", "verdict")
-            dup = m.get(("moderation_duplicate_deliveries_total", ()), 0)
-            dead = by_label(m, "moderation_dead_letters_total", "reason")
-            if (counted == verdicts and dup == 1 and dead) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert counted == verdicts
-        assert by_label(m, "moderation_errors_total", "reason") == reasons
-        assert dead == {"malformed_event": 1}
-        assert dup == 1
-        n_scored = sum(1 for d in got.values() if d.verdict != Verdict.ERROR)
-        assert m[("moderation_ai_score_count", ())] == n_scored
-        assert m[("moderation_ai_score_sum", ())] == pytest.approx(
-            sum(d.ai_score or 0 for d in got.values() if d.verdict != Verdict.ERROR), rel=1e-6
-        )
-        assert m[("moderation_end_to_end_seconds_count", ())] == len(events)
-        # The duplicate copy of events[0] is either caught before the model (already decided) or scored again
-        # and refused by the write-once sink; either way it was picked up, and counted once as a duplicate.
-        rescored = m[("moderation_queue_wait_seconds_count", ())] - len(events)
-        assert rescored in (0, 1)
-        assert m[("moderation_batch_crops_sum", ())] == n_scored + rescored  # one crop per image
-        assert m[("moderation_model_seconds_count", ())] == m[("moderation_batch_crops_count", ())] >= 1
-        version = next(iter(got.values())).model_version
-        assert any(k[0] == "moderation_model_info" and ("version", version) in k[1] for k in m)
-        assert m[("moderation_in_flight", ())] == 0
-        assert ("moderation_queue_depth", (("queue", "moderation.events"),)) in m
-        producer.close()
-        assert w.stop() == 0
-        sentry_events = sink.events()
+            deadline = time.monotonic() + 30
+            while True:  # metrics follow the decision write by a moment; wait for the last ones
+                scrapes = [scrape(p) for p in ports]
+                done = (
+                    _total(scrapes, "moderation_decisions_total", "verdict") == verdicts
+                    and _total(scrapes, "moderation_duplicate_deliveries_total") == 1
+                    and _total(scrapes, "moderation_dead_letters_total", "reason")
+                )
+                if done or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            producer.close()
+            for w in workers:
+                assert w.stop() == 0
+            sentry_events = sink.events()
+        finally:
+            for w in workers:
+                if w.proc.poll() is None:
+                    w.kill()
 
-    # Bad images are breadcrumbs, never Sentry events.
+    assert _total(scrapes, "moderation_decisions_total", "verdict") == verdicts
+    assert _total(scrapes, "moderation_errors_total", "reason") == reasons
+    assert _total(scrapes, "moderation_dead_letters_total", "reason") == {"malformed_event": 1}
+    assert _total(scrapes, "moderation_duplicate_deliveries_total") == 1
+    scored = [d for d in got.values() if d.verdict != Verdict.ERROR]
+    assert _total(scrapes, "moderation_ai_score_count") == len(scored)
+    assert _total(scrapes, "moderation_ai_score_sum") == pytest.approx(sum(d.ai_score or 0 for d in scored))
+    assert _total(scrapes, "moderation_end_to_end_seconds_count") == len(events)
+    # The duplicate copy of events[0] is either caught before the model (already decided) or scored again
+    # and refused by the write-once sink; either way it was picked up once more.
+    rescored = _total(scrapes, "moderation_queue_wait_seconds_count") - len(events)
+    assert rescored in (0, 1)
+    assert _total(scrapes, "moderation_batch_crops_sum") == len(scored) + rescored  # one crop per image
+    assert _total(scrapes, "moderation_model_seconds_count") == _total(
+        scrapes, "moderation_batch_crops_count"
+    )
+    version = next(iter(got.values())).model_version
+    for s in scrapes:
+        assert any(k[0] == "moderation_model_info" and ("version", version) in k[1] for k in s)
+        assert s[("moderation_in_flight", ())] == 0
+        assert ("moderation_queue_depth", (("queue", "moderation.events"),)) in s
+
+    # Bad images are Sentry breadcrumbs, never events.
     assert sentry_events == []
-    lines = w.log().splitlines()
-    assert len(lines) > len(events)
-    rows = [json.loads(line) for line in lines]  # every line, Celery's included, is one JSON object
+    rows = []
+    for w in workers:
+        lines = w.log().splitlines()
+        assert lines
+        rows += [json.loads(line) for line in lines]  # every line, Celery's included, is one JSON object
     assert all({"event", "level", "timestamp"} <= set(r) and r.get("component") == "worker" for r in rows)
     decided = {r["event_id"]: r for r in rows if r["event"] == "decided"}
     assert set(decided) == {e.event_id for e in events}
@@ -131,6 +157,7 @@ def test_ops_metrics_match_the_events_processed_and_every_log_line_is_json(
         assert row["task_id"]
     assert any(r["event"] == "dead_lettered" and r["reason"] == "malformed_event" for r in rows)
     assert any(r.get("logger", "").startswith("celery") for r in rows), "Celery's own lines are missing"
+    assert sum(r["event"] == "shutdown_requested" for r in rows) == 2
 
 
 def test_ops_dlq_replay_after_a_fix_decides_each_event_once(
