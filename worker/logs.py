@@ -75,21 +75,41 @@ def configure_logging(
         processors=[*shared, *tail, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         # WriteLogger writes message and newline in one call, so lines from threads never interleave.
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        logger_factory=structlog.WriteLoggerFactory(file=stream) if stream else _current_stderr_logger,
         cache_logger_on_first_use=False,
     )
-    _route_stdlib(out, shared, tail, renderer, level)
+    _route_stdlib(stream, shared, tail, renderer, level)
+
+
+def _current_stderr_logger(*_: Any) -> structlog.WriteLogger:
+    """Write to whatever ``sys.stderr`` is when the line is logged (test runners swap and close it)."""
+    return structlog.WriteLogger(sys.stderr)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that follows ``sys.stderr`` instead of keeping the one it was created with."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: TextIO) -> None:
+        pass
 
 
 def _route_stdlib(
-    out: TextIO, shared: list[Processor], tail: list[Processor], renderer: Processor, level: int
+    stream: TextIO | None, shared: list[Processor], tail: list[Processor], renderer: Processor, level: int
 ) -> None:
     """Send every standard-library log record through the structlog processors (one format per process)."""
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared, structlog.stdlib.ExtraAdder()],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail, renderer],
     )
-    handler = logging.StreamHandler(out)
+    handler: logging.Handler = logging.StreamHandler(stream) if stream else _StderrHandler()
     handler.setFormatter(formatter)
     handler.set_name("moderation")
     root = logging.getLogger()

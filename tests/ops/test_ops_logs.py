@@ -135,3 +135,21 @@ def test_ops_lines_from_many_threads_never_interleave(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert len(_lines(buf)) == 800
+
+
+def test_ops_default_stream_follows_sys_stderr_even_after_it_was_swapped_and_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test runners (and CliRunner) swap and close sys.stderr; logging must write to the current one."""
+    configure_logging(Settings(home=tmp_path, log_format="json"), component="x")
+    first = io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    get_logger().info("ours")
+    logging.getLogger("lib").warning("theirs")
+    assert [r["event"] for r in _lines(first)] == ["ours", "theirs"]
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr("sys.stderr", second)
+    get_logger().info("after close")
+    logging.getLogger("lib").warning("still fine")
+    assert [r["event"] for r in _lines(second)] == ["after close", "still fine"]
