@@ -20,8 +20,17 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from worker.settings import Settings
 
-# Libraries that are chatty at INFO and add nothing an on-call engineer needs.
-_QUIET = {"botocore": logging.WARNING, "boto3": logging.WARNING, "urllib3": logging.WARNING}
+# Loggers that are chatty at INFO and add nothing an on-call engineer needs. Celery's two per-task lines
+# ("received", "succeeded") would triple the lines per event and repeat what our "decided" line says (with
+# the task id bound); a stdlib line costs about twice a structlog line (docs/benchmarks.md, Ops). Their
+# warnings and errors (a task that failed) still come through; MODERATION_LOG_LEVEL=DEBUG shows everything.
+_QUIET = {
+    "botocore": logging.WARNING,
+    "boto3": logging.WARNING,
+    "urllib3": logging.WARNING,
+    "celery.worker.strategy": logging.WARNING,
+    "celery.app.trace": logging.WARNING,
+}
 
 
 def resolve_format(settings: Settings, stream: TextIO | None = None) -> str:
@@ -118,7 +127,7 @@ def _route_stdlib(
     root.addHandler(handler)
     root.setLevel(level)
     for name, quiet in _QUIET.items():
-        logging.getLogger(name).setLevel(max(quiet, level))
+        logging.getLogger(name).setLevel(level if level < logging.INFO else max(quiet, level))
     # Celery and others attach their own handlers to named loggers; let records reach the root instead.
     for name in ("celery", "celery.task", "celery.worker", "celery.redirected", "kombu", "uvicorn"):
         lg = logging.getLogger(name)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from worker.logs import bind_event, bound, configure_logging, get_logger, resolve_format, unbind
+from worker.logs import _QUIET, bind_event, bound, configure_logging, get_logger, resolve_format, unbind
 from worker.settings import Settings
 
 
@@ -23,7 +23,10 @@ def _restore_logging() -> Iterator[None]:
     config = structlog.get_config()
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    named = {name: logging.getLogger(name).level for name in _QUIET}
     yield
+    for name, lvl in named.items():
+        logging.getLogger(name).setLevel(lvl)
     structlog.configure(**config)
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -153,3 +156,22 @@ def test_ops_default_stream_follows_sys_stderr_even_after_it_was_swapped_and_clo
     get_logger().info("after close")
     logging.getLogger("lib").warning("still fine")
     assert [r["event"] for r in _lines(second)] == ["after close", "still fine"]
+
+
+def test_ops_celery_per_task_chatter_is_quiet_at_info_but_failures_and_debug_come_through(
+    tmp_path: Path,
+) -> None:
+    buf = io.StringIO()
+    configure_logging(Settings(home=tmp_path, log_format="json", log_level="INFO"), stream=buf)
+    trace = logging.getLogger("celery.app.trace")
+    trace.info("Task moderation.decide[1] succeeded in 0.01s: None")
+    trace.error("Task moderation.decide[2] raised unexpected: RuntimeError()")
+    logging.getLogger("celery.worker.consumer.connection").info("Connected to redis://")
+    assert [r["event"] for r in _lines(buf)] == [
+        "Task moderation.decide[2] raised unexpected: RuntimeError()",
+        "Connected to redis://",
+    ]
+    debug = io.StringIO()
+    configure_logging(Settings(home=tmp_path, log_format="json", log_level="DEBUG"), stream=debug)
+    trace.info("Task moderation.decide[3] succeeded in 0.01s: None")
+    assert [r["event"] for r in _lines(debug)] == ["Task moderation.decide[3] succeeded in 0.01s: None"]
