@@ -191,6 +191,9 @@ cli_queue.register(app)
 # review page (issue 6)
 
 # operations (issue 7)
+from worker import cli_dlq  # noqa: E402
+
+cli_dlq.register(app)
 
 
 def main() -> None:

@@ -45,9 +45,10 @@ def worker(
     from celery.signals import worker_ready
 
     from worker.errors import CheckpointError
-    from worker.logs import configure_logging
+    from worker.logs import configure_logging, install_celery_logging
     from worker.queue import Queues, make_app
     from worker.runtime import Runtime
+    from worker.tracking import init_sentry
 
     settings = build_settings(
         checkpoint=checkpoint,
@@ -57,7 +58,9 @@ def worker(
         metrics_port=metrics_port,
     )
     _need_redis(settings)
-    configure_logging(settings)
+    configure_logging(settings, component="worker")
+    install_celery_logging(settings, component="worker")
+    init_sentry(settings, "worker")
     try:
         runtime = Runtime(settings, hostname=hostname).start()
     except CheckpointError as exc:
