@@ -195,6 +195,9 @@ app.add_typer(review_app, name="review")
 app.command("labels-export")(labels_export)
 
 # operations (issue 7)
+from worker import cli_dlq  # noqa: E402
+
+cli_dlq.register(app)
 
 
 def main() -> None:
