@@ -122,6 +122,7 @@ def test_cross_site_form_posts_are_refused(review_server: Server, mia: httpx.Cli
     attempts = [
         (form, own),  # no token
         ({**form, "csrf_token": "x" * len(token)}, own),  # wrong token
+        ({**form, "csrf_token": "é" * len(token)}, own),  # wrong and not even ASCII
         ({**form, "csrf_token": token}, {"Origin": EVIL}),  # right token, foreign page
         ({**form, "csrf_token": token}, {"Referer": f"{EVIL}/page"}),  # no Origin, foreign Referer
         ({**form, "csrf_token": token}, {}),  # neither Origin nor Referer

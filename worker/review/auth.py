@@ -188,7 +188,9 @@ def new_csrf_token() -> str:
 
 
 def csrf_ok(session_token: object, sent: str | None) -> bool:
-    return isinstance(session_token, str) and bool(sent) and hmac.compare_digest(session_token, str(sent))
+    if not isinstance(session_token, str) or not sent:
+        return False
+    return hmac.compare_digest(session_token.encode(), str(sent).encode())  # bytes: any input compares
 
 
 def origin_of(url: str) -> str | None:
