@@ -192,8 +192,15 @@ from worker import cli_training  # noqa: E402
 cli_training.register(app)
 
 # review page (issue 6)
+from worker.cli_review import labels_export, review_app  # noqa: E402
+
+app.add_typer(review_app, name="review")
+app.command("labels-export")(labels_export)
 
 # operations (issue 7)
+from worker import cli_dlq  # noqa: E402
+
+cli_dlq.register(app)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ because every deployment tool already sets them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -96,6 +96,23 @@ class Settings(BaseSettings):
     # --- training (issue 5) --------------------------------------------------------------------------
 
     # --- review page (issue 6) -----------------------------------------------------------------------
+    review_users: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description='Page accounts as JSON {"name": {"hash": "<argon2>", "role": "moderator|admin"}}.',
+    )
+    review_users_file: Path | None = Field(
+        None,
+        description="JSON user store `moderation review add-user` writes; unset: HOME/review-users.json.",
+    )
+    review_secret_key: str | None = Field(
+        None, description="Signs session cookies; unset: a random key kept in HOME/review-secret (0600)."
+    )
+    review_session_max_age_s: int = Field(8 * 3600, description="A sign-in lasts one shift.")
+    review_https_only: bool = Field(False, description="Secure cookies; set behind TLS.")
+    review_allowed_origins: list[str] = Field(
+        default_factory=list, description="Extra Origins a form POST may come from (besides the page's own)."
+    )
+    review_cache_items: int = Field(256, description="Heatmaps and thumbnails kept in memory.")
 
     # --- operations (issue 7) ------------------------------------------------------------------------
 

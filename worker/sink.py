@@ -4,6 +4,7 @@ Keys (``ns`` = settings.namespace)::
 
     {ns}:decision:{event_id}   JSON Decision; written with SET NX, so a redelivered event cannot decide twice
     {ns}:item:{item_id}        event_id of the item's latest decision (an override rewrites the decision)
+    {ns}:audit:{event_id}      list: one event's override audit entries (copies from {ns}:overrides)
     {ns}:decisions             stream: one entry per decision or override, for the upload pipeline
     {ns}:review                sorted set of event_ids awaiting a moderator, by ai_score (highest first)
     {ns}:overrides             stream: append-only audit log of moderator actions
@@ -18,7 +19,7 @@ NX check, so a crash between them cannot leave a decision without its stream ent
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,9 @@ class Keys:
 
     def item(self, item_id: str) -> str:
         return f"{self.ns}:item:{item_id}"
+
+    def audit(self, event_id: str) -> str:
+        return f"{self.ns}:audit:{event_id}"
 
     @property
     def decisions(self) -> str:
@@ -169,12 +173,15 @@ class DecisionStore:
             "verdict": verdict.value,
             "ai_score": "" if current.ai_score is None else repr(current.ai_score),
             "model_version": current.model_version or "",
+            "previous_source": current.source,
+            "previous_decided_at": current.decided_at.isoformat(),
             "note": note[:2000],
             "at": utcnow().isoformat(),
         }
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self.keys.decision(event_id), updated.to_json())
         pipe.xadd(self.keys.overrides, audit)
+        pipe.rpush(self.keys.audit(event_id), json.dumps(audit))
         pipe.xadd(
             self.keys.decisions,
             {"event_id": event_id, "decision": updated.to_json()},
@@ -187,6 +194,34 @@ class DecisionStore:
 
     def overrides(self, count: int | None = None) -> list[dict[str, str]]:
         return [dict(f) for _, f in self.r.xrange(self.keys.overrides, count=count)]
+
+    # --- reads for the review page (issue 6) --------------------------------------------------------
+    def review_scan(self, chunk: int = 500, limit: int = 100_000) -> Iterator[tuple[str, str]]:
+        """(event_id, decision JSON) awaiting review, highest score first, read in chunks of MGET.
+
+        Raw JSON, because the page filters thousands of them on a few fields and parses only what it shows.
+        """
+        for start in range(0, limit, chunk):
+            ids = [str(e) for e in self.r.zrevrange(self.keys.review, start, min(start + chunk, limit) - 1)]
+            if ids:
+                raws = self.r.mget([self.keys.decision(e) for e in ids])
+                yield from ((e, str(raw)) for e, raw in zip(ids, raws, strict=True) if raw is not None)
+            if len(ids) < chunk:
+                return
+
+    def in_review(self, event_id: str) -> bool:
+        return self.r.zscore(self.keys.review, event_id) is not None
+
+    def audit_of(self, event_id: str) -> list[dict[str, str]]:
+        """One event's overrides, oldest first."""
+        return [json.loads(x) for x in self.r.lrange(self.keys.audit(event_id), 0, -1)]
+
+    def recent_overrides(self, count: int = 100, before: str = "+") -> list[tuple[str, dict[str, str]]]:
+        """The audit log newest first; ``before`` is an exclusive stream id for paging."""
+        if before == "0-0":
+            return []  # nothing is older; Redis refuses the exclusive range "(0-0"
+        end = before if before == "+" else f"({before}"
+        return [(str(i), dict(f)) for i, f in self.r.xrevrange(self.keys.overrides, end, "-", count=count)]
 
 
 def decision_from_stream(fields: dict[str, str]) -> Decision:

@@ -1,0 +1,160 @@
+"""``moderation review`` (serve the page, manage accounts) and ``moderation labels-export``."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from worker.cli import build_settings, console, err, fail
+
+review_app = typer.Typer(
+    help="The moderator review page. Without a subcommand: serve it with uvicorn.",
+    invoke_without_command=True,
+)
+
+RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Decision store (default: REDIS_URL).")]
+NamespaceOpt = Annotated[str | None, typer.Option(help="Redis key prefix (default: moderation).")]
+
+
+@review_app.callback()
+def review(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    redis_url: RedisOpt = None,
+    namespace: NamespaceOpt = None,
+    proxy_headers: Annotated[
+        bool, typer.Option(help="Trust X-Forwarded-* from --forwarded-allow-ips (behind a TLS proxy).")
+    ] = False,
+    forwarded_allow_ips: Annotated[
+        str, typer.Option(help="Proxies whose X-Forwarded-* we trust.")
+    ] = "127.0.0.1",
+) -> None:
+    """Serve the review page (sign-in, queue, item pages, JSON API under /api/)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import uvicorn
+
+    from worker.logs import configure_logging
+    from worker.review.app import create_app
+    from worker.review.auth import UserStoreError, load_users, users_file
+    from worker.sink import DecisionStore
+
+    settings = build_settings(redis_url=redis_url, namespace=namespace)
+    configure_logging(settings)
+    if not settings.redis_url:
+        raise fail("the review page reads decisions from Redis: pass --redis-url or set REDIS_URL")
+    try:
+        users = load_users(settings)
+    except UserStoreError as exc:
+        raise fail(str(exc)) from exc
+    if not users:
+        err.print(
+            f"[yellow]warning:[/] no accounts yet (store: {users_file(settings)}); create one with\n"
+            "  moderation review add-user NAME --role admin"
+        )
+    store = DecisionStore.from_url(settings.redis_url, settings.namespace)
+    try:
+        store.r.ping()
+    except Exception as exc:  # redis-py raises several connection error types
+        raise fail(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+    app = create_app(settings, store)
+    console.print(f"review page on [bold]http://{host}:{port}/[/] (namespace {settings.namespace})")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        proxy_headers=proxy_headers,
+        forwarded_allow_ips=forwarded_allow_ips,
+        log_level="warning",
+    )
+
+
+@review_app.command("add-user")
+def add_user(
+    name: Annotated[str, typer.Argument(help="Sign-in name (letters, digits, _ . @ -).")],
+    role: Annotated[str, typer.Option(help="moderator or admin.")] = "moderator",
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from stdin (for scripts).")
+    ] = False,
+    token: Annotated[bool, typer.Option("--token", help="Also issue an API token (printed once).")] = False,
+    no_password: Annotated[
+        bool, typer.Option("--no-password", help="API token only; cannot sign in.")
+    ] = False,
+    users_file_opt: Annotated[
+        Path | None, typer.Option("--users-file", help="User store (default: HOME/review-users.json).")
+    ] = None,
+) -> None:
+    """Add or replace an account in the user store with an argon2id password hash."""
+    from pydantic import ValidationError
+
+    from worker.review.auth import (
+        Role,
+        User,
+        UserStoreError,
+        hash_password,
+        read_store,
+        token_digest,
+        write_user,
+    )
+    from worker.review.auth import users_file as default_users_file
+
+    if role not in (r.value for r in Role):
+        raise fail("--role must be moderator or admin")
+    if no_password and not token:
+        raise fail("--no-password needs --token, or the account could never be used")
+    path = users_file_opt or default_users_file(build_settings())
+    password = ""
+    if not no_password:
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+        if len(password) < 8:
+            raise fail("a password needs at least 8 characters")
+    try:
+        old = read_store(path).get(name)
+    except UserStoreError as exc:
+        raise fail(str(exc)) from exc
+    issued = secrets.token_urlsafe(32) if token else None
+    tokens = (*(old.tokens if old else ()), *([token_digest(issued)] if issued else []))
+    try:
+        user = User(
+            name=name,
+            hash=hash_password(password) if password else "",
+            role=Role(role),
+            tokens=tokens,
+        )
+    except ValidationError as exc:
+        raise fail(f"invalid user: {exc.errors()[0]['msg']}") from exc
+    write_user(path, user)
+    console.print(f"{'updated' if old else 'added'} [bold]{name}[/] ({role}) in {path}")
+    if issued:
+        console.print("API token (shown once; send it as 'Authorization: Bearer <token>'):")
+        sys.stdout.write(issued + "\n")
+
+
+def labels_export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="labels.parquet or labels.csv")],
+    redis_url: RedisOpt = None,
+    namespace: NamespaceOpt = None,
+) -> None:
+    """Write moderator overrides as a labels table for training (block -> 1.0, allow -> 0.0)."""
+    from worker.review.labels import LabelsError, override_labels, write_labels
+    from worker.sink import DecisionStore
+
+    settings = build_settings(redis_url=redis_url, namespace=namespace)
+    if not settings.redis_url:
+        raise fail("labels come from the decision store: pass --redis-url or set REDIS_URL")
+    store = DecisionStore.from_url(settings.redis_url, settings.namespace)
+    df = override_labels(store)
+    try:
+        write_labels(df, out)
+    except LabelsError as exc:
+        raise fail(str(exc)) from exc
+    positives = int((df["ai_score"] >= 0.5).sum()) if len(df) else 0
+    console.print(f"wrote {len(df)} labels ({positives} AI, {len(df) - positives} real) to [bold]{out}[/]")
