@@ -210,7 +210,8 @@ def override_from_fields(f: Mapping[Any, Any]) -> Override | None:
         target = float(f["target"])
     else:
         return None  # e.g. an "error" verdict carries no label
-    score = f.get("ai_score", f.get("model_score"))
+    # the review page's export names the model's score model_score (its ai_score is the label)
+    score: Any = f.get("model_score") if "model_score" in f else f.get("ai_score")
     at: Any = f.get("at")
     return Override(
         image_uri=str(uri),

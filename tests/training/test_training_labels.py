@@ -159,3 +159,17 @@ def test_help_for_every_training_command(tmp_path: Path) -> None:
     ):
         code, out, err = invoke(*args, "--help", cwd=tmp_path)
         assert code == 0 and "Usage" in out, (args, err)
+
+
+def test_the_review_pages_labels_export_is_an_overrides_file(redis_url: str, tmp_path: Path) -> None:
+    from worker.review.labels import override_labels, write_labels
+
+    store = DecisionStore.from_url(redis_url, "rx")
+    _decide(store, "e1", "a.jpg", Verdict.BLOCK, 0.95)
+    _decide(store, "e2", "g.jpg", Verdict.ALLOW, 0.02)
+    store.override("e1", Verdict.ALLOW, "ann")
+    store.override("e2", Verdict.BLOCK, "bob")
+    write_labels(override_labels(store), tmp_path / "export.parquet")
+    ov = {o.image_uri: o for o in overrides_from_file(tmp_path / "export.parquet")}
+    assert (ov["a.jpg"].target, ov["a.jpg"].model_score, ov["a.jpg"].disagreed) == (0.0, 0.95, True)
+    assert (ov["g.jpg"].target, ov["g.jpg"].moderator) == (1.0, "bob")
