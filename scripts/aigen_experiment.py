@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+from training.data import ImageSource
 from training.evaluate import (
     evaluate_scores,
     reencode_jpeg,
@@ -28,13 +29,15 @@ from training.evaluate import (
 from training.gate import gate_and_publish
 from training.labels import load_labels, summarize
 from training.pretrained import resolve_pretrained
-from training.probe import fit_probe
+from training.probe import embed, fit_probe
 from training.recipe import TrainConfig, train
 from training.simulate import simulated_teacher
+from worker.crops import CropSpec
 from worker.model import create_model, data_config
 from worker.registry import LocalStore, Registry
 from worker.settings import Settings
 
+TRANSFORMS = {"jpeg_q75": reencode_jpeg(75), "jpeg_q50": reencode_jpeg(50), "resize_0.5": resize_by(0.5)}
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "aigen-dev"
 
 
@@ -90,8 +93,18 @@ def main() -> None:
     probe_eval = probe.scores.drop(columns=["ai_score"]).merge(
         truth[["image_uri", "ai_score"]], on="image_uri"
     )
+    test_uris = list(truth.loc[truth.split == "test", "image_uri"])
+    src = ImageSource(settings)
+    probe_variants = {}
+    for key, tf in TRANSFORMS.items():
+        x = embed(backbone, test_uris, src, CropSpec(args.crop_size, 1), mean=mean, std=std, transform=tf)
+        probe_variants[key] = probe.pipeline.predict_proba(x)[:, 1]
     rep = evaluate_scores(
-        probe_eval, name=f"probe:{args.arch}", n_boot=args.n_boot, out_dir=out / "eval-probe"
+        probe_eval,
+        name=f"probe:{args.arch}",
+        n_boot=args.n_boot,
+        variants=probe_variants,
+        out_dir=out / "eval-probe",
     )
     timings["probe_s"] = time.perf_counter() - t
     results["probe"] = rep.model_dump(mode="json")
@@ -124,12 +137,10 @@ def main() -> None:
     # evaluation against the true labels, plus re-encoded copies of the test images
     t = time.perf_counter()
     ckpt = str(run.checkpoint)
-    scored = truth.assign(score=score_with_checkpoint(ckpt, list(truth["image_uri"]), settings))
-    test_uris = list(truth.loc[truth.split == "test", "image_uri"])
+    scored = truth.assign(score=score_with_checkpoint(ckpt, list(truth["image_uri"]), settings, source=src))
     variants = {
-        "jpeg_q75": score_with_checkpoint(ckpt, test_uris, settings, transform=reencode_jpeg(75)),
-        "jpeg_q50": score_with_checkpoint(ckpt, test_uris, settings, transform=reencode_jpeg(50)),
-        "resize_0.5": score_with_checkpoint(ckpt, test_uris, settings, transform=resize_by(0.5)),
+        key: score_with_checkpoint(ckpt, test_uris, settings, transform=tf, source=src)
+        for key, tf in TRANSFORMS.items()
     }
     rep = evaluate_scores(
         scored,

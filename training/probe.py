@@ -7,7 +7,7 @@ centre crops (``worker.crops.inference_crops``), averaged over crops when there 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -41,12 +42,14 @@ def embed(
     mean: Any,
     std: Any,
     device: str = "cpu",
+    transform: Callable[[Image.Image], Image.Image] | None = None,
 ) -> np.ndarray:
-    """Pooled pre-logit features per image (mean over its crops)."""
+    """Pooled pre-logit features per image (mean over its crops), optionally of a transformed copy."""
     model.eval().to(device)
     feats = []
     for uri in uris:
-        crops, _ = inference_crops(source.image(uri), spec)
+        img = source.image(uri)
+        crops, _ = inference_crops(transform(img) if transform else img, spec)
         x = to_input(crops, mean, std, device)
         f = model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
         feats.append(f.float().mean(0).cpu().numpy())
