@@ -16,6 +16,7 @@ from training.recipe import TrainConfig, train
 from worker.checkpoint import load_checkpoint, read_manifest
 from worker.fetch import Fetcher
 from worker.records import Event, Verdict
+from worker.registry import LocalStore, Registry
 from worker.scoring import Scorer, score_events
 from worker.settings import Settings
 
@@ -113,12 +114,15 @@ def test_cli_train_continual_from_a_checkpoint_with_rehearsal(
         *("train", "-l", "new.csv", "-o", "run", "--quiet", "--arch", "test_convnext", "--crop-size", "64"),
         *("--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"),
         *("--init-from", str(tiny_checkpoint), "--layer-decay", "0.7"),
-        *("--rehearsal-labels", str(image_set), "--rehearsal-size", "6"),
+        *("--rehearsal-labels", str(image_set), "--rehearsal-size", "6", "--publish"),
         cwd=tmp_path,
+        MODERATION_HOME=str(tmp_path / "home"),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     m = read_manifest(tmp_path / "run" / "checkpoint")
     assert m.parent_version == read_manifest(tiny_checkpoint).version
+    registry = Registry(LocalStore(tmp_path / "home" / "registry"))
+    assert registry.current_version() == m.version  # --publish: gated (first version) and promoted
     splits = pd.read_csv(tmp_path / "run" / "splits.csv")
     assert (splits["label_source"] == "rehearsal").sum() == 6
     assert set(splits.loc[splits["label_source"] == "rehearsal", "split"]) == {"train"}
