@@ -178,6 +178,9 @@ def checkpoint_show(
 # queue worker (issue 3)
 
 # registry and hot reload (issue 4)
+from worker.cli_registry import registry_app  # noqa: E402
+
+app.add_typer(registry_app)
 
 # training (issue 5)
 
