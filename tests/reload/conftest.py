@@ -1,4 +1,4 @@
-"""Fixtures of the registry/hot-reload tests: two tiny checkpoints, broken variants, a registry on disk or S3."""
+"""Registry/hot-reload fixtures: tiny checkpoints, broken variants, a registry on disk or on S3."""
 
 from __future__ import annotations
 

@@ -112,9 +112,13 @@ def test_notification_swaps_between_batches_while_batches_keep_running(
     first_b = seen.index(b)
     assert set(seen[:first_b]) == {a} and set(seen[first_b:]) == {b}  # one switch, never back
     assert reloads(metrics) == 1
-    assert metrics.registry.get_sample_value("moderation_model_info", {"version": b, "arch": "test_convnext",
-                                                                       "crop_size": "64", "previous": a,
-                                                                       "source": "registry"}) == 1.0
+    assert (
+        metrics.registry.get_sample_value(
+            "moderation_model_info",
+            {"version": b, "arch": "test_convnext", "crop_size": "64", "previous": a, "source": "registry"},
+        )
+        == 1.0
+    )
 
 
 def test_polling_alone_finds_a_new_version(
@@ -173,9 +177,7 @@ def test_golden_score_mismatch_is_refused(
         assert watcher.version == b and failures(metrics, "golden") == 1
 
 
-def test_rollback_is_followed(
-    reg_settings: Settings, registry: Registry, ckpt_a: Path, ckpt_b: Path
-) -> None:
+def test_rollback_is_followed(reg_settings: Settings, registry: Registry, ckpt_a: Path, ckpt_b: Path) -> None:
     a = registry.publish(ckpt_a, promote=True).version
     b = registry.publish(ckpt_b, promote=True).version
     watcher = ModelWatcher(reg_settings, Metrics()).start(background=False)
