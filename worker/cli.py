@@ -176,6 +176,9 @@ def checkpoint_show(
 
 # --- command groups owned by other modules (one line each; keep this block at the bottom) ---------------
 # queue worker (issue 3)
+from worker import cli_queue  # noqa: E402
+
+cli_queue.register(app)
 
 # registry and hot reload (issue 4)
 from worker.cli_registry import registry_app  # noqa: E402

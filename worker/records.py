@@ -121,6 +121,7 @@ class Decision(BaseModel):
     image_size: tuple[int, int] | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     source: str = "model"
+    batch_id: str | None = None  # the model call that decided it (worker-local counter, for tracing)
     decided_at: datetime = Field(default_factory=utcnow)
 
     def to_json(self) -> str:

@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     # --- queue worker (issue 3) ----------------------------------------------------------------------
+    restore_interval_s: int = Field(
+        10, description="How often a live worker sweeps for messages whose visibility timeout expired."
+    )
+    heartbeat_s: float = Field(5.0, description="Worker heartbeat (and queue-depth sample) period.")
+    webhook_timeout_s: float = 5.0
+    webhook_retries: int = Field(3, description="Attempts per webhook, with exponential backoff.")
+    redis_retries: int = Field(5, description="Re-publishes of an event whose decision could not be written.")
 
     # --- model registry and hot reload (issue 4) -----------------------------------------------------
     reload_poll_s: float = Field(

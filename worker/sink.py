@@ -8,6 +8,8 @@ Keys (``ns`` = settings.namespace)::
     {ns}:review                sorted set of event_ids awaiting a moderator, by ai_score (highest first)
     {ns}:overrides             stream: append-only audit log of moderator actions
     {ns}:deadletter            stream: events that could not be decided, with the reason
+    {ns}:deliveries:{event_id} deliveries of an undecided event (bounded redelivery); deleted once decided
+    {ns}:worker:{hostname}     hash: a live worker's heartbeat (model version, pid, ready), with a TTL
 
 The first write of a decision and its stream entry and review-queue entry happen in one MULTI/EXEC after the
 NX check, so a crash between them cannot leave a decision without its stream entry.
@@ -53,6 +55,12 @@ class Keys:
     def deadletter(self) -> str:
         return f"{self.ns}:deadletter"
 
+    def deliveries(self, event_id: str) -> str:
+        return f"{self.ns}:deliveries:{event_id}"
+
+    def worker(self, hostname: str) -> str:
+        return f"{self.ns}:worker:{hostname}"
+
 
 # Lua keeps the NX check and the three writes atomic and in one round trip.
 _WRITE_ONCE = """
@@ -97,6 +105,19 @@ class DecisionStore:
         review = "1" if d.verdict == Verdict.REVIEW else "0"
         argv: list[str | float] = [d.to_json(), d.event_id, review, d.ai_score or 0.0, STREAM_MAXLEN]
         return self._write_once(keys=keys, args=argv, client=client)
+
+    def count_delivery(self, event_id: str, ttl_s: int = 7 * 86400) -> tuple[int, bool]:
+        """Count this delivery; returns (deliveries so far, already decided) in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.incr(self.keys.deliveries(event_id))
+        pipe.expire(self.keys.deliveries(event_id), ttl_s)
+        pipe.exists(self.keys.decision(event_id))
+        n, _, decided = pipe.execute()
+        return int(n), bool(decided)
+
+    def forget_deliveries(self, event_ids: list[str]) -> None:
+        if event_ids:
+            self.r.delete(*[self.keys.deliveries(e) for e in event_ids])
 
     def dead_letter(self, reason: str, detail: str, raw: str | bytes | None = None, **fields: str) -> str:
         body = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else (raw or "")

@@ -1,0 +1,273 @@
+"""Queue commands: ``worker``, ``submit``, ``decisions`` and ``demo``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from worker.cli import CheckpointOpt, DeviceOpt, build_settings, console, err, fail, print_decisions
+from worker.settings import Settings
+
+
+def _need_redis(settings: Settings) -> str:
+    if not settings.redis_url:
+        raise fail("no Redis configured: set REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
+    return settings.redis_url
+
+
+def worker(
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Events held at once (threads); default MODERATION_PREFETCH.")
+    ] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Crops per model call at most.")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help="Longest a crop waits for its batch.")] = None,
+    queues: Annotated[str, typer.Option(help="Comma-separated: urgent,events (polled in this order).")] = (
+        "urgent,events"
+    ),
+    hostname: Annotated[str | None, typer.Option(help="Worker name (default host-pid).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+) -> None:
+    """Run a queue worker: decide events from Redis in cross-event batches until SIGTERM.
+
+    First SIGTERM/SIGINT: stop taking messages, finish and ack everything held, exit. Second: exit now (held
+    messages are redelivered after the visibility timeout).
+    """
+    from celery.signals import worker_ready
+
+    from worker.errors import CheckpointError
+    from worker.logs import configure_logging
+    from worker.queue import Queues, make_app
+    from worker.runtime import Runtime
+
+    settings = build_settings(
+        checkpoint=checkpoint,
+        device=device,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        metrics_port=metrics_port,
+    )
+    _need_redis(settings)
+    configure_logging(settings)
+    try:
+        runtime = Runtime(settings, hostname=hostname).start()
+    except CheckpointError as exc:
+        raise fail(str(exc)) from exc
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, registry=runtime.metrics.registry)
+    app = make_app(settings)
+    app.runtime = runtime
+    names = Queues(settings.namespace)
+    wanted = [getattr(names, q.strip()) for q in queues.split(",") if q.strip()]
+    worker_ready.connect(lambda **_: runtime.mark_ready(), weak=False)
+    threads = concurrency or settings.prefetch
+    w = app.Worker(
+        hostname=f"{runtime.hostname}@moderation",
+        pool="threads",
+        concurrency=threads,
+        queues=wanted,
+        loglevel=settings.log_level,
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        quiet=True,
+    )
+    try:
+        w.start()
+    finally:
+        runtime.close()
+    raise typer.Exit(w.exitcode or 0)
+
+
+def submit(
+    uris: Annotated[list[str], typer.Argument(help="Image URIs (paths, file://, s3://, https://).")],
+    item_id: Annotated[
+        list[str] | None, typer.Option("--item-id", help="Item id per URI (default: the URI).")
+    ] = None,
+    urgent: Annotated[bool, typer.Option(help="Send to the urgent queue.")] = False,
+    callback_url: Annotated[str | None, typer.Option(help="POST each decision here (signed).")] = None,
+    wait: Annotated[bool, typer.Option(help="Print each decision as it arrives.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 120.0,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+) -> None:
+    """Enqueue one event per URI; prints the event ids (and, with --wait, the decisions)."""
+    from worker.producer import Producer
+    from worker.records import Event, Priority
+
+    settings = build_settings()
+    _need_redis(settings)
+    ids = list(item_id or [])
+    if ids and len(ids) != len(uris):
+        raise fail("give one --item-id per URI, or none")
+    events = [
+        Event(
+            item_id=ids[i] if ids else uri,
+            image_uri=uri,
+            priority=Priority.URGENT if urgent else Priority.NORMAL,
+            callback_url=callback_url,
+        )
+        for i, uri in enumerate(uris)
+    ]
+    producer = Producer(settings)
+    producer.submit_many(events)
+    if not wait:
+        for e in events:
+            sys.stdout.write(f"{e.event_id}\t{e.item_id}\n")
+        return
+    missing = {e.event_id for e in events}
+    for d in producer.iter_decisions([e.event_id for e in events], timeout=timeout):
+        missing.discard(d.event_id)
+        if as_json:
+            sys.stdout.write(d.to_json() + "\n")
+            sys.stdout.flush()
+        else:
+            print_decisions([d])
+    if missing:
+        raise fail(f"{len(missing)} event(s) not decided within {timeout:.0f}s: is a worker running?", 1)
+
+
+def decisions(
+    item_ids: Annotated[list[str], typer.Argument(help="Item ids to look up.")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+) -> None:
+    """Look up the latest decision of each item."""
+    from worker.sink import DecisionStore
+
+    settings = build_settings()
+    store = DecisionStore.from_url(_need_redis(settings), settings.namespace)
+    found, missing = [], []
+    for item in item_ids:
+        d = store.get_item(item)
+        (found.append(d) if d else missing.append(item))
+    if as_json:
+        for d in found:
+            sys.stdout.write(d.to_json() + "\n")
+    elif found:
+        print_decisions(found)
+    if missing:
+        err.print(f"no decision for: {', '.join(missing)}")
+        raise typer.Exit(1)
+
+
+def demo(
+    checkpoint: CheckpointOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the decisions.")] = 300.0,
+) -> None:
+    """The main job end to end: (private) Redis, a worker, the bundled samples in, decisions out."""
+    from contextlib import ExitStack
+
+    from worker.localredis import private_redis
+
+    settings = build_settings(checkpoint=checkpoint)
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moderation-demo-")))
+        url = settings.redis_url
+        if not url:
+            console.print("[dim]no REDIS_URL set: starting a private redis-server[/]")
+            try:
+                url = stack.enter_context(private_redis(tmp / "redis"))
+            except RuntimeError as exc:
+                raise fail(str(exc)) from exc
+        settings = settings.model_copy(update={"redis_url": url})
+        ckpt = _demo_checkpoint(settings)
+        _run_demo(settings, ckpt, tmp, timeout)
+
+
+def _demo_checkpoint(settings: Settings) -> str:
+    from worker.registry import open_registry
+
+    uri = settings.checkpoint or open_registry(settings).current_uri()
+    if uri:
+        return uri
+    path = settings.home / "demo-checkpoint"
+    if not (path / "manifest.json").exists():
+        from worker.checkpoint import init_checkpoint
+
+        console.print(
+            "[yellow]no trained checkpoint configured: creating a randomly initialised convnext_tiny at "
+            f"{path} (its scores are meaningless; train or bring weights, see README)[/]"
+        )
+        init_checkpoint("convnext_tiny", path, seed=0)
+    return str(path)
+
+
+def _run_demo(settings: Settings, checkpoint: str, tmp: Path, timeout: float) -> None:
+    from worker.producer import Producer
+    from worker.records import Event
+    from worker.samples import sample_paths
+
+    env = dict(os.environ)
+    env.update(
+        REDIS_URL=settings.redis_url or "",
+        MODERATION_CHECKPOINT=checkpoint,
+        MODERATION_LOG_FORMAT="json",
+        MODERATION_PREFETCH="32",
+    )
+    log_path = tmp / "worker.log"
+    console.print(f"starting a worker (log: {log_path})")
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "worker"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+        try:
+            producer = Producer(settings)
+            _wait_ready(producer, proc, log_path)
+            refs = [str(p) for p in sample_paths()] + [str(tmp / "missing.jpg")]
+            events = [Event(item_id=Path(r).name, image_uri=r) for r in refs]
+            t0 = time.monotonic()
+            producer.submit_many(events)
+            got = producer.wait([e.event_id for e in events], timeout=timeout)
+            elapsed = time.monotonic() - t0
+            if len(got) < len(events):
+                raise fail(f"only {len(got)}/{len(events)} decisions arrived; see {log_path}", 1)
+            print_decisions([got[e.event_id] for e in events], title=f"{len(events)} decisions")
+            console.print(
+                f"decided {len(events)} events in {elapsed:.1f}s through Redis and a Celery worker; "
+                "the missing file shows an error decision with its reason"
+            )
+        except BaseException:
+            sys.stderr.write(log_path.read_text(errors="replace")[-3000:])
+            raise
+        finally:
+            _stop(proc)
+
+
+def _wait_ready(producer: Any, proc: subprocess.Popen[bytes], log_path: Path, limit: float = 180.0) -> None:
+    from worker.runtime import live_workers
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise fail(f"the worker exited with code {proc.returncode}; see {log_path}", 1)
+        if any(w.get("ready") == "1" for w in live_workers(producer.store.r, producer.settings.namespace)):
+            return
+        time.sleep(0.2)
+    raise fail(f"the worker did not become ready in {limit:.0f}s; see {log_path}", 1)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(worker)
+    app.command()(submit)
+    app.command()(decisions)
+    app.command()(demo)
