@@ -222,7 +222,11 @@ class ModelWatcher:
 
     def _initial(self) -> Scorer:
         if self.pinned:
-            return self._load(self.pinned, expect=None)
+            try:
+                return self._load(self.pinned, expect=None)
+            except Refused as exc:
+                self._refuse(self.pinned, exc)
+                raise CheckpointError(f"pinned checkpoint {self.pinned} refused: {exc}") from exc
         pointer = self.registry.pointer()
         if pointer is None:
             raise CheckpointError(
