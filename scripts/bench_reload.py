@@ -1,10 +1,11 @@
 """Decision latency around a hot reload vs steady state, through a real ``moderation worker`` process.
 
 Starts a private Redis, a registry with two checkpoints of the same architecture (different seeds) and one
-worker following it; submits events at a fixed rate; after a steady phase it alternately promotes the other
-version and rolls back, ``--reloads`` times, ``--gap-s`` apart. Latency of an event is ``decided_at -
-submitted_at`` (both stamped on this machine). "Around a reload" is every event submitted in the 30 s window
-centred on a promote/rollback command; "steady" is every event submitted in the steady phase (after warm-up).
+worker following it; submits events at a fixed rate. After a warm-up, time is cut into 60 s cycles: a 30 s
+steady window with no reload, then a 30 s window centred on a reload (alternately a promote of the other
+version and a rollback). Latency of an event is ``decided_at - submitted_at`` (both stamped on this machine).
+"Around a reload" is every event submitted in a reload window, "steady" every event submitted in a steady
+window. Interleaving the two kinds of window means background noise on a shared machine hits both alike.
 
     python scripts/bench_reload.py --arch test_convnext --crop-size 64 --rate 40
     python scripts/bench_reload.py --arch convnext_tiny --crop-size 64 --rate 20
@@ -62,10 +63,10 @@ def main() -> None:
     ap.add_argument("--crop-size", type=int, default=64)
     ap.add_argument("--rate", type=float, default=40.0, help="events per second submitted")
     ap.add_argument("--warmup-s", type=float, default=10.0)
-    ap.add_argument("--steady-s", type=float, default=30.0)
     ap.add_argument("--reloads", type=int, default=3)
-    ap.add_argument("--gap-s", type=float, default=30.0, help="seconds between reloads (>= 30: no overlap)")
     ap.add_argument("--json", type=Path, help="write the figures here too")
+    ap.add_argument("--raw", type=Path, help="write (seconds from start, latency ms) per event here (CSV)")
+    ap.add_argument("--keep-log", type=Path, help="copy the worker's log here")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-reload-") as tmp_s:
@@ -110,6 +111,8 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(60)
             swaps = log_path.read_text().count('"model swapped"')
+            if args.keep_log:
+                args.keep_log.write_text(log_path.read_text())
             figures["swaps_logged"] = swaps
             figures["worker_exit_code"] = proc.returncode
     print(json.dumps(figures, indent=2))
@@ -140,10 +143,12 @@ def run_load(
     t = threading.Thread(target=load, daemon=True)
     t0 = time.monotonic()
     t.start()
-    time.sleep(args.warmup_s + args.steady_s)
+    time.sleep(args.warmup_s)
+    start = time.monotonic()
     reload_at: list[float] = []
     for k in range(args.reloads):
-        time.sleep(WINDOW_S / 2 if k == 0 else args.gap_s)
+        cycle = start + k * 2 * WINDOW_S
+        time.sleep(max(0.0, cycle + 1.5 * WINDOW_S - time.monotonic()))
         reload_at.append(time.monotonic())
         if k % 2 == 0:
             registry.promote(versions[1], by="bench")
@@ -151,7 +156,7 @@ def run_load(
         else:
             registry.rollback(by="bench")
             notify(client, settings.namespace, "rollback", versions[0], "bench")
-    time.sleep(WINDOW_S / 2)
+    time.sleep(max(0.0, start + args.reloads * 2 * WINDOW_S - time.monotonic()))
     stop.set()
     t.join()
 
@@ -160,6 +165,7 @@ def run_load(
     around: list[float] = []
     versions_seen: dict[str, int] = {}
     errors = 0
+    raw: list[tuple[float, float, str]] = []
     for ts, e in sent:
         d = got.get(e.event_id)
         if d is None:
@@ -168,11 +174,22 @@ def run_load(
             errors += 1
         versions_seen[d.model_version or "?"] = versions_seen.get(d.model_version or "?", 0) + 1
         ms = (d.decided_at - e.submitted_at).total_seconds() * 1e3
-        if t0 + args.warmup_s <= ts < t0 + args.warmup_s + args.steady_s:
-            steady.append(ms)
-        elif any(abs(ts - r) <= WINDOW_S / 2 for r in reload_at):
+        raw.append((ts, ms, d.model_version or "?"))
+        if ts < start:
+            continue  # warm-up
+        if any(abs(ts - r) <= WINDOW_S / 2 for r in reload_at):
             around.append(ms)
+        elif ts < start + args.reloads * 2 * WINDOW_S:
+            steady.append(ms)
     producer.close()
+    if args.raw:
+        rows = ["t_s,latency_ms,version,reload"]
+        rows += [
+            f"{ts - t0:.3f},{lat:.1f},{ver},{int(any(abs(ts - r) < 0.01 for r in reload_at))}"
+            for ts, lat, ver in raw
+        ]
+        rows += [f"{r - t0:.3f},,reload,1" for r in reload_at]
+        args.raw.write_text("\n".join(rows) + "\n")
     p99_s, p99_r = pct(steady, 99), pct(around, 99)
     return {
         "arch": args.arch,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import socket
 import threading
@@ -79,6 +80,11 @@ def notify(client: Any, ns: str, action: str, version: str | None, by: str) -> b
         return False
 
 
+TRANSIENT = frozenset({"unreadable", "out_of_memory"})  # may pass later: retried, not remembered for good
+RETRY_TRANSIENT_S = 30.0
+LOW_PRIORITY = 10  # niceness of the loading and shadow threads
+
+
 class Refused(Exception):
     """A candidate model failed one validation step; ``reason`` is the metric label."""
 
@@ -86,6 +92,10 @@ class Refused(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    @property
+    def transient(self) -> bool:
+        return self.reason in TRANSIENT
 
 
 class ModelWatcher:
@@ -108,14 +118,16 @@ class ModelWatcher:
         self._scorer: Scorer | None = None
         self._shadow: Scorer | None = None
         self._check_lock = threading.Lock()  # one load at a time, whoever triggers it
-        self._refused: dict[str, str] = {}
+        self._refused: dict[str, str] = {}  # immutable versions that failed for good
+        self._failed_at: dict[str, float] = {}  # versions that failed for now (store unreachable, GPU full)
+        self.retry_transient_s = RETRY_TRANSIENT_S
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._shadow_jobs: queue.Queue[tuple[Scorer, Sequence[Any], Sequence[Decision], float] | None] = (
-            queue.Queue(maxsize=settings.shadow_queue)
+        self._shadow_jobs: queue.Queue[tuple[Scorer, Sequence[Any], Sequence[Decision], float]] = queue.Queue(
+            maxsize=settings.shadow_queue
         )
-        self.worker_name = socket.gethostname()
+        self.worker_name = f"{socket.gethostname()}-{os.getpid()}"  # the runtime's default worker name
 
     # --- the ScorerSource protocol ----------------------------------------------------------------------
 
@@ -178,17 +190,15 @@ class ModelWatcher:
             with contextlib.suppress(Exception):
                 self._check_shadow()
         if background:
-            self._spawn("model-watch", self._watch_loop)
+            self._spawn("model-watch", self._watch_loop, nice=LOW_PRIORITY)
             if self.redis is not None:
                 self._spawn("model-listen", self._listen_loop)
-                self._spawn("model-shadow", self._shadow_loop)
+                self._spawn("model-shadow", self._shadow_loop, nice=LOW_PRIORITY)
         return self
 
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
-        with contextlib.suppress(queue.Full):
-            self._shadow_jobs.put_nowait(None)
         for t in self._threads:
             t.join(timeout=10)
         self._threads.clear()
@@ -248,7 +258,7 @@ class ModelWatcher:
         except Exception as exc:  # registry unreachable: keep serving, try again next poll
             log.warning("registry unreadable", registry=self.registry.root, error=str(exc))
             return
-        if version is None or version == self.version or version in self._refused:
+        if version is None or version == self.version or self._skip(version):
             return
         log.info("model reload started", model_version=version, previous=self.version)
         t0 = time.perf_counter()
@@ -273,10 +283,11 @@ class ModelWatcher:
         wanted = raw.decode() if isinstance(raw, bytes) else raw
         if wanted == self.shadow_version:
             return
-        if wanted is None or wanted in self._refused:
-            with self._lock:
-                self._shadow = None
-            log.info("shadow mode off")
+        if wanted is None or self._skip(wanted):
+            if self.shadow_version is not None:
+                with self._lock:
+                    self._shadow = None
+                log.info("shadow mode off")
             return
         try:
             candidate = self._load(self.registry.uri_for(wanted), expect=wanted)
@@ -334,7 +345,10 @@ class ModelWatcher:
     def _refuse(self, version: str, exc: Refused) -> None:
         import sentry_sdk
 
-        self._refused[version] = f"{exc.reason}: {exc.detail}"
+        if exc.transient:
+            self._failed_at[version] = time.monotonic()
+        else:
+            self._refused[version] = f"{exc.reason}: {exc.detail}"
         self.metrics.reload_failures.labels(reason=exc.reason).inc()
         log.error(
             "model refused",
@@ -351,6 +365,12 @@ class ModelWatcher:
                     self.keys.refused, version, json.dumps({**record, "at": utcnow().isoformat()})
                 )
 
+    def _skip(self, version: str) -> bool:
+        """Refused for good, or failed transiently less than ``retry_transient_s`` ago."""
+        failed = self._failed_at.get(version)
+        recent = failed is not None and time.monotonic() < failed + self.retry_transient_s
+        return version in self._refused or recent
+
     def _publish_info(self, scorer: Scorer, previous: str | None) -> None:
         m = scorer.manifest
         self.metrics.model_info.info(
@@ -365,8 +385,16 @@ class ModelWatcher:
 
     # --- background threads -------------------------------------------------------------------------------
 
-    def _spawn(self, name: str, target: Any) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
+    def _spawn(self, name: str, target: Any, nice: int = 0) -> None:
+        def run() -> None:
+            if nice and hasattr(os, "setpriority"):
+                # Linux niceness is per thread (and inherited by the OpenMP threads torch starts from it):
+                # loading and shadow scoring yield the CPU to the live model thread.
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            target()
+
+        t = threading.Thread(target=run, name=name, daemon=True)
         t.start()
         self._threads.append(t)
 
@@ -402,11 +430,12 @@ class ModelWatcher:
                         pubsub.close()
 
     def _shadow_loop(self) -> None:
-        while True:
-            job = self._shadow_jobs.get()
+        while not self._stop.is_set():
             try:
-                if job is None:
-                    return
+                job = self._shadow_jobs.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
                 self._score_shadow(*job)
             except Exception as exc:
                 log.warning("shadow scoring failed", error=str(exc))

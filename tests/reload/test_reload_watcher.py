@@ -274,3 +274,28 @@ def test_shadow_report_matches_scores_computed_independently(
     assert rep is not None and rep.events == len(images)
     assert rep.mean_abs_diff == pytest.approx(sum(diffs) / len(diffs), abs=1e-6)
     assert rep.max_abs_diff == pytest.approx(max(diffs), abs=1e-3)
+
+
+@pytest.mark.parametrize("registry_root", ["s3"], indirect=True)
+def test_an_unreachable_version_is_retried_not_refused_for_good(
+    reg_settings: Settings,
+    registry: Registry,
+    ckpt_a: Path,
+    ckpt_b: Path,
+) -> None:
+    a = registry.publish(ckpt_a, promote=True).version
+    b = registry.publish(ckpt_b).version
+    key = f"versions/{b}/model.safetensors"
+    weights = registry.store.read(key)
+    assert weights is not None
+    store = registry.store
+    store.client.delete_object(Bucket=store.loc.bucket, Key=store.loc.join(key).key)  # type: ignore[attr-defined]
+    metrics = Metrics()
+    watcher = ModelWatcher(reg_settings, metrics).start(background=False)
+    registry.promote(b)
+    assert watcher.check_now() == a
+    assert failures(metrics, "unreadable") == 1 and b not in watcher.refused
+    assert watcher.check_now() == a and failures(metrics, "unreadable") == 1  # backing off, not looping
+    store.write(key, weights)  # the object store is back
+    watcher.retry_transient_s = 0.0  # as if the back-off (30 s) had passed
+    assert watcher.check_now() == b
