@@ -105,19 +105,23 @@ def score(
 
 def print_decisions(decisions: list[Any], title: str | None = None) -> None:
     table = Table(title=title)
-    for col in ("item", "verdict", "ai_score", "crops", "deciding box", "model", "reason"):
-        table.add_column(col)
+    table.add_column("item", no_wrap=True, min_width=12)
+    table.add_column("verdict")
+    table.add_column("ai_score", justify="right")
+    table.add_column("deciding crop (l,t)-(r,b)")
+    table.add_column("model", overflow="fold", max_width=28)
+    table.add_column("reason", overflow="fold")
     colours = {"allow": "green", "review": "yellow", "block": "red", "error": "magenta"}
     for d in decisions:
         box = d.crops[d.deciding_crop].box if d.deciding_crop is not None and d.crops else None
+        detail = (d.detail or "")[:60]
         table.add_row(
             Path(d.item_id).name if "/" in d.item_id else d.item_id,
             f"[{colours.get(d.verdict.value, 'white')}]{d.verdict.value}[/]",
             "" if d.ai_score is None else f"{d.ai_score:.3f}",
-            str(len(d.crops)),
             "" if box is None else f"({box.left},{box.top})-({box.right},{box.bottom})",
             d.model_version or "",
-            "" if d.reason is None else f"{d.reason.value}: {d.detail}",
+            "" if d.reason is None else f"{d.reason.value}: {detail}",
         )
     console.print(table)
 
@@ -194,7 +198,3 @@ app.add_typer(registry_app)
 
 def main() -> None:
     app()
-
-
-if __name__ == "__main__":
-    main()

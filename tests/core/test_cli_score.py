@@ -14,7 +14,7 @@ from worker.samples import sample_labels, sample_paths
 
 def run(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", "worker", *args],
         cwd=cwd,
         env=subprocess_env(**env),
         capture_output=True,

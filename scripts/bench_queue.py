@@ -1,0 +1,219 @@
+"""End-to-end throughput and latency through real Redis and a real worker, next to the in-process baselines.
+
+Three numbers on the same images, model and batch size:
+
+1. model only: ``Scorer.logits`` on ready-made crops (the ceiling);
+2. in-process loop: fetch + decode + crop (thread pool) then one model call per batch, no queue;
+3. end to end: events submitted to Redis, decided by a ``moderation worker`` subprocess, read back
+   (saturation throughput with everything enqueued at once, then latency at a fixed offered load).
+
+    python scripts/bench_queue.py --arch convnext_tiny --events 400 --megapixels 1.0
+
+Prints a markdown table for docs/benchmarks.md and writes the raw figures as JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.checkpoint import init_checkpoint
+from worker.fetch import Fetcher
+from worker.localredis import private_redis
+from worker.producer import Producer
+from worker.records import Event
+from worker.runtime import live_workers
+from worker.scoring import Scorer, score_events
+from worker.settings import Settings
+
+
+def make_images(folder: Path, count: int, megapixels: float) -> list[Path]:
+    """Photo-like JPEGs (smooth gradients plus noise, quality 90) of about ``megapixels``."""
+    rng = np.random.default_rng(0)
+    w = int((megapixels * 1e6 * 4 / 3) ** 0.5)
+    h = int(w * 3 / 4)
+    paths = []
+    for i in range(count):
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * (i + 1)) % 256, (yy * 2) % 256, ((xx + yy) // 3) % 256], -1).astype(np.float32)
+        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        p = folder / f"img{i}.jpg"
+        Image.fromarray(img).save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values) * 1e3
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
+
+
+def model_only(scorer: Scorer, batch: int, seconds: float = 10.0) -> float:
+    s = scorer.spec.size
+    crops = np.random.default_rng(0).integers(0, 255, (batch, s, s, 3), dtype=np.uint8)
+    scorer.logits(crops)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        scorer.logits(crops)
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def in_process(scorer: Scorer, settings: Settings, events: list[Event], batch: int) -> float:
+    fetcher = Fetcher(settings)
+    score_events(events[:batch], scorer, fetcher)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(events), batch):
+        score_events(events[i : i + batch], scorer, fetcher)
+    return len(events) / (time.perf_counter() - t0)
+
+
+def end_to_end(
+    settings: Settings, ckpt: str, events: list[Event], rate: float | None, tmp: Path, threads: int
+) -> dict[str, float]:
+    env = dict(os.environ)
+    env.update(
+        REDIS_URL=settings.redis_url or "",
+        MODERATION_CHECKPOINT=ckpt,
+        MODERATION_DEVICE=settings.device,
+        MODERATION_MAX_BATCH=str(settings.max_batch),
+        MODERATION_MAX_WAIT_MS=str(settings.max_wait_ms),
+        MODERATION_DECODE_THREADS=str(settings.decode_threads),
+        MODERATION_PREFETCH=str(threads),
+        MODERATION_LOG_LEVEL="WARNING",
+        MODERATION_LOG_FORMAT="json",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
+    producer = Producer(settings)
+    warm = [Event(item_id=f"warm{i}", image_uri=events[0].image_uri) for i in range(2 * settings.max_batch)]
+    if rate is None:
+        # Saturation: everything is queued before the worker starts, so submission cost is not measured and
+        # the worker is never starved; the rate is taken between the first and last of the measured decisions.
+        producer.submit_many(warm + events)
+    log = (tmp / "worker.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "worker", "worker"], env=env, stdout=log, stderr=log)
+    try:
+        while not any(w.get("ready") == "1" for w in live_workers(producer.store.r, settings.namespace)):
+            if proc.poll() is not None:
+                raise SystemExit(f"worker died, see {tmp / 'worker.log'}")
+            time.sleep(0.2)
+        if rate is not None:
+            producer.submit_many(warm)
+            producer.wait([e.event_id for e in warm], 300)
+            t0 = time.perf_counter()
+            for i, e in enumerate(events):
+                delay = t0 + i / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                producer.send(e)
+        got = producer.wait([e.event_id for e in events], timeout=3600)
+        decided = [d.decided_at.timestamp() for d in got.values()]
+        start = min(decided) if rate is None else min(e.submitted_at for e in events).timestamp()
+        lat = [(d.decided_at - e.submitted_at).total_seconds() for e in events if (d := got.get(e.event_id))]
+        errors = sum(1 for d in got.values() if d.verdict == "error")
+        return {
+            "decisions_per_s": (len(got) - 1) / (max(decided) - start),
+            "decided": len(got),
+            "errors": errors,
+            **percentiles(lat),
+        }
+    finally:
+        proc.terminate()
+        proc.wait(120)
+        producer.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="convnext_tiny")
+    ap.add_argument("--checkpoint", help="Use this checkpoint instead of a random one of --arch.")
+    ap.add_argument("--events", type=int, default=400)
+    ap.add_argument("--distinct-images", type=int, default=16)
+    ap.add_argument("--megapixels", type=float, default=1.0)
+    ap.add_argument("--batch", type=int, default=32, help="max_batch, same for all three measurements")
+    ap.add_argument("--max-wait-ms", type=float, default=20.0)
+    ap.add_argument("--decode-threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=128, help="worker concurrency (= prefetch)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--load", type=float, default=0.7, help="offered load as a share of saturation throughput"
+    )
+    ap.add_argument("--e2e-only", action="store_true", help="skip the in-process baselines")
+    ap.add_argument("--crop-size", type=int, default=224)
+    ap.add_argument("--out", type=Path, help="write raw figures as JSON here")
+    args = ap.parse_args()
+
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        url = os.environ.get("REDIS_URL") or stack.enter_context(private_redis(tmp / "redis"))
+        settings = Settings(
+            redis_url=url,
+            device=args.device,
+            max_batch=args.batch,
+            max_wait_ms=args.max_wait_ms,
+            decode_threads=args.decode_threads,
+            home=tmp / "home",
+        )
+        ckpt = args.checkpoint or str(tmp / "ckpt")
+        if not args.checkpoint:
+            init_checkpoint(args.arch, ckpt, crop_size=args.crop_size, seed=0)
+        paths = make_images(tmp, args.distinct_images, args.megapixels)
+        mk = lambda tag: [  # noqa: E731
+            Event(item_id=f"{tag}{i}", image_uri=str(paths[i % len(paths)])) for i in range(args.events)
+        ]
+        scorer = Scorer.load(ckpt, settings)
+        res: dict[str, object] = {
+            "arch": scorer.manifest.arch,
+            "device": settings.resolved_device(),
+            "events": args.events,
+            "batch": args.batch,
+            "megapixels": args.megapixels,
+            "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        }
+        if args.e2e_only:
+            res["model_only_images_per_s"] = res["in_process_images_per_s"] = float("nan")
+        else:
+            print("model only ...", flush=True)
+            res["model_only_images_per_s"] = model_only(scorer, args.batch)
+            print("in-process decode+crop+model ...", flush=True)
+            res["in_process_images_per_s"] = in_process(scorer, settings, mk("ip"), args.batch)
+        del scorer
+        print("end to end, saturation ...", flush=True)
+        sat = end_to_end(settings, ckpt, mk("sat"), None, tmp, args.threads)
+        res["e2e_saturation"] = sat  # latency here is queueing time of a full backlog, not service latency
+        rate = args.load * sat["decisions_per_s"]
+        print(f"end to end, fixed load {rate:.1f}/s ...", flush=True)
+        res["e2e_fixed_load"] = {
+            "offered_per_s": rate,
+            **end_to_end(settings, ckpt, mk("fix"), rate, tmp, args.threads),
+        }
+        res["e2e_vs_in_process"] = sat["decisions_per_s"] / float(res["in_process_images_per_s"])  # type: ignore[arg-type]
+    print(json.dumps(res, indent=2))
+    fixed = res["e2e_fixed_load"]
+    assert isinstance(fixed, dict)
+    print(
+        f"\n| {res['arch']} | {res['device']} | {args.megapixels} MP | {args.batch} | "
+        f"{res['model_only_images_per_s']:.1f} | {res['in_process_images_per_s']:.1f} | "
+        f"{sat['decisions_per_s']:.1f} ({res['e2e_vs_in_process']:.0%}) | "
+        f"{sat['p50_ms']:.0f} / {sat['p99_ms']:.0f} | "
+        f"{fixed['offered_per_s']:.1f}/s: {fixed['p50_ms']:.0f} / {fixed['p99_ms']:.0f} |"
+    )
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
