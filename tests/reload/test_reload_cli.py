@@ -163,7 +163,7 @@ def test_entry_point_on_s3(s3_endpoint: str, s3_bucket: str, ckpt_a: Path, tmp_p
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "worker.cli", *args], env=env, capture_output=True, text=True, timeout=180
+            [sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=180
         )
 
     out = run("publish", str(ckpt_a), "--promote")
