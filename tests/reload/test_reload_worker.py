@@ -138,7 +138,7 @@ def fleet(
     producer.close()
 
 
-def test_promote_then_rollback_under_load_without_restart(
+def test_shadow_then_promote_then_rollback_under_load_without_restart(
     fleet: tuple[Producer, dict[str, str]],
     registry: Registry,
     redis_url: str,
@@ -150,10 +150,20 @@ def test_promote_then_rollback_under_load_without_restart(
     producer, env = fleet
     a = registry.publish(ckpt_a, promote=True).version
     b = registry.publish(ckpt_b).version
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     with running_worker(redis_url, tmp_path / "w", env=env) as w, Load(producer, image_dir) as load:
         pid = w.pid
         assert w.heartbeat()["model_version"] == a
         wait_until(decided_with(load, a, 20), 60, "decisions by a", w)
+
+        # Shadow mode first: b scores live batches next to a, deciding nothing.
+        cli("shadow", "start", b, env=env)
+        stats = ModelKeys("moderation").shadow_stats(b)
+        wait_until(lambda: int(client.hget(stats, "events") or 0) >= 20, 30, "shadow statistics", w)
+        report = json.loads(cli("shadow", "report", "--json", env=env))
+        assert report["version"] == b and 0.0 <= report["agreement"] <= 1.0 and report["latency_ratio"] > 0
+        cli("shadow", "stop", env=env)
+        assert all(d.model_version == a for d in load.decided().values())  # the shadow decided nothing
 
         cli("promote", b, env=env)  # the user's command: flips the pointer, notifies the worker
         wait_until(lambda: w.heartbeat().get("model_version") == b, 30, "swap to b", w)
