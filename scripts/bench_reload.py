@@ -110,7 +110,7 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(60)
-            swaps = log_path.read_text().count('"model swapped"')
+            swaps = log_path.read_text().count('"reloaded"')
             if args.keep_log:
                 args.keep_log.write_text(log_path.read_text())
             figures["swaps_logged"] = swaps

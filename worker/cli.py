@@ -194,6 +194,9 @@ app.add_typer(registry_app)
 # review page (issue 6)
 
 # operations (issue 7)
+from worker import cli_dlq  # noqa: E402
+
+cli_dlq.register(app)
 
 
 def main() -> None:

@@ -45,9 +45,10 @@ def worker(
     from celery.signals import worker_ready
 
     from worker.errors import CheckpointError
-    from worker.logs import configure_logging
+    from worker.logs import configure_logging, install_celery_logging
     from worker.queue import Queues, make_app
     from worker.runtime import Runtime
+    from worker.tracking import init_sentry
 
     settings = build_settings(
         checkpoint=checkpoint,
@@ -57,7 +58,9 @@ def worker(
         metrics_port=metrics_port,
     )
     _need_redis(settings)
-    configure_logging(settings)
+    configure_logging(settings, component="worker")
+    install_celery_logging(settings, component="worker")
+    init_sentry(settings, "worker")
     try:
         runtime = Runtime(settings, hostname=hostname).start()
     except CheckpointError as exc:
@@ -70,7 +73,12 @@ def worker(
     app.runtime = runtime
     names = Queues(settings.namespace)
     wanted = [getattr(names, q.strip()) for q in queues.split(",") if q.strip()]
-    worker_ready.connect(lambda **_: runtime.mark_ready(), weak=False)
+
+    def on_ready(**_: Any) -> None:
+        _second_signal_exits_now()
+        runtime.mark_ready()
+
+    worker_ready.connect(on_ready, weak=False)
     threads = concurrency or settings.prefetch
     w = app.Worker(
         hostname=f"{runtime.hostname}@moderation",
@@ -88,6 +96,35 @@ def worker(
     finally:
         runtime.close()
     raise typer.Exit(w.exitcode or 0)
+
+
+def _second_signal_exits_now() -> None:
+    """First SIGTERM/SIGINT: Celery's warm shutdown (drain). Second: exit at once.
+
+    Celery ignores a repeated SIGTERM (only SIGINT/SIGQUIT escalate); an operator who signals twice wants the
+    process gone. Events held then are unacked, so Redis hands them to another worker after the visibility
+    timeout: nothing is lost, only delayed.
+    """
+    import structlog
+
+    log = structlog.get_logger("worker")
+    seen: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            seen.append(signum)
+            if len(seen) > 1:
+                log.warning("second_signal_exit_now", signal=signum)
+                os._exit(1)
+            log.info("draining", signal=signum)
+            if callable(previous):
+                previous(signum, frame)
+
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread: keep Celery's handlers
+            return
 
 
 def submit(

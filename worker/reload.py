@@ -76,7 +76,7 @@ def notify(client: Any, ns: str, action: str, version: str | None, by: str) -> b
         client.publish(ModelKeys(ns).channel, message)
         return True
     except Exception as exc:  # the pointer is already flipped; polling will find it
-        log.warning("model notification not sent", action=action, version=version, error=str(exc))
+        log.warning("reload_notify_failed", action=action, version=version, error=str(exc))
         return False
 
 
@@ -185,7 +185,7 @@ class ModelWatcher:
         """Load the first model (blocking: a worker cannot serve without one), then start watching."""
         self._scorer = self._initial()
         self._publish_info(self._scorer, previous=None)
-        log.info("model serving", model_version=self._scorer.version, pinned=bool(self.pinned))
+        log.info("model_serving", model_version=self._scorer.version, pinned=bool(self.pinned))
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 self._check_shadow()
@@ -256,11 +256,11 @@ class ModelWatcher:
         try:
             version = self.registry.current_version()
         except Exception as exc:  # registry unreachable: keep serving, try again next poll
-            log.warning("registry unreadable", registry=self.registry.root, error=str(exc))
+            log.warning("reload_registry_unreadable", registry=self.registry.root, error=str(exc))
             return
         if version is None or version == self.version or self._skip(version):
             return
-        log.info("model reload started", model_version=version, previous=self.version)
+        log.info("reload_started", model_version=version, previous=self.version)
         t0 = time.perf_counter()
         try:
             scorer = self._load(self.registry.uri_for(version), expect=version)
@@ -272,7 +272,7 @@ class ModelWatcher:
         self.metrics.reloads.inc()
         self._publish_info(scorer, previous=previous.version if previous else None)
         log.info(
-            "model swapped",
+            "reloaded",
             model_version=scorer.version,
             previous=previous.version if previous else None,
             load_s=round(time.perf_counter() - t0, 3),
@@ -287,7 +287,7 @@ class ModelWatcher:
             if self.shadow_version is not None:
                 with self._lock:
                     self._shadow = None
-                log.info("shadow mode off")
+                log.info("shadow_off")
             return
         try:
             candidate = self._load(self.registry.uri_for(wanted), expect=wanted)
@@ -296,7 +296,7 @@ class ModelWatcher:
             return
         with self._lock:
             self._shadow = candidate
-        log.info("shadow mode on", shadow_version=wanted, model_version=self.version)
+        log.info("shadow_on", shadow_version=wanted, model_version=self.version)
 
     def _load(self, uri: str, expect: str | None) -> Scorer:
         """Download, verify, build, check golden scores and output shape, warm up; else :class:`Refused`."""
@@ -351,7 +351,7 @@ class ModelWatcher:
             self._refused[version] = f"{exc.reason}: {exc.detail}"
         self.metrics.reload_failures.labels(reason=exc.reason).inc()
         log.error(
-            "model refused",
+            "reload_refused",
             refused_version=version,
             reason=exc.reason,
             detail=exc.detail,
@@ -407,7 +407,7 @@ class ModelWatcher:
             try:
                 self.check_now()
             except Exception as exc:  # never let the watcher die: the old model keeps serving
-                log.exception("model watch step failed", error=str(exc))
+                log.exception("reload_check_failed", error=str(exc))
 
     def _listen_loop(self) -> None:
         backoff = 0.5
@@ -421,7 +421,7 @@ class ModelWatcher:
                     if pubsub.get_message(timeout=1.0) is not None:
                         self._wake.set()
             except Exception as exc:  # Redis restarting: polling covers the gap
-                log.warning("model channel lost", error=str(exc))
+                log.warning("reload_channel_lost", error=str(exc))
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
             finally:
@@ -438,7 +438,7 @@ class ModelWatcher:
             try:
                 self._score_shadow(*job)
             except Exception as exc:
-                log.warning("shadow scoring failed", error=str(exc))
+                log.warning("shadow_scoring_failed", error=str(exc))
             finally:
                 self._shadow_jobs.task_done()
 

@@ -25,6 +25,7 @@ from worker.metrics import Metrics
 from worker.records import Decision, Event, Verdict, utcnow
 from worker.settings import Settings
 from worker.sink import DecisionStore
+from worker.tracking import item_error_breadcrumb
 from worker.webhook import Webhooks
 
 log = structlog.get_logger(__name__)
@@ -124,6 +125,7 @@ class Runtime:
         if d.verdict == Verdict.ERROR:
             reason = d.reason.value if d.reason else "unknown"
             m.errors.labels(reason).inc()
+            item_error_breadcrumb(d)  # a bad image is context for Sentry, never an alert of its own
             log.info("decided", verdict=d.verdict.value, reason=reason, detail=d.detail)
         else:
             if d.ai_score is not None:

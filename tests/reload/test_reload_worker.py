@@ -178,7 +178,7 @@ def test_shadow_then_promote_then_rollback_under_load_without_restart(
     assert runs(decisions) == [a, b, a]  # each swap fell between two batches, none went back and forth
     assert w.proc.returncode == 0
     log = w.log()
-    assert log.count('"model swapped"') == 2
+    assert log.count('"reloaded"') == 2
 
 
 def test_corrupted_and_mismatched_versions_are_refused_under_load(
@@ -214,8 +214,8 @@ def test_corrupted_and_mismatched_versions_are_refused_under_load(
     decisions = finish(load, producer, redis_url)
     assert runs(decisions) == [a]
     log = w.log()
-    assert '"model refused"' in log and '"reason": "checksum"' in log and '"reason": "golden"' in log
-    assert '"model swapped"' not in log
+    assert '"reload_refused"' in log and '"reason": "checksum"' in log and '"reason": "golden"' in log
+    assert '"reloaded"' not in log
     models = json.loads(cli("models", "--json", env=env))
     assert {r["version"]: (r["refused"] or {}).get("reason") for r in models} == {
         a: None,
