@@ -185,6 +185,9 @@ from worker import cli_queue  # noqa: E402
 cli_queue.register(app)
 
 # registry and hot reload (issue 4)
+from worker.cli_registry import registry_app  # noqa: E402
+
+app.add_typer(registry_app)
 
 # training (issue 5)
 from worker import cli_training  # noqa: E402

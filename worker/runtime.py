@@ -18,12 +18,11 @@ from typing import Any
 import redis
 import structlog
 
-from worker.batcher import Batcher, ScorerSource, StaticSource
+from worker.batcher import Batcher, ScorerSource
 from worker.errors import ErrorReason, SchemaError
 from worker.fetch import Fetcher
 from worker.metrics import Metrics
 from worker.records import Decision, Event, Verdict, utcnow
-from worker.scoring import Scorer
 from worker.settings import Settings
 from worker.sink import DecisionStore
 from worker.tracking import item_error_breadcrumb
@@ -33,18 +32,11 @@ log = structlog.get_logger(__name__)
 
 
 def build_source(settings: Settings, metrics: Metrics, client: redis.Redis) -> ScorerSource:
-    """A pinned checkpoint if one is configured, else the registry's current version."""
-    from worker.registry import open_registry
+    """The registry's current version, followed live (hot reload, shadow mode); a pinned checkpoint is served
+    as is. Raises CheckpointError when there is nothing valid to serve."""
+    from worker.reload import ModelWatcher
 
-    uri = settings.checkpoint or open_registry(settings).current_uri()
-    if uri is None:
-        raise SystemExit(
-            "no checkpoint to serve: set MODERATION_CHECKPOINT (or --checkpoint), or publish and promote one "
-            "into the registry (moderation publish DIR --promote)"
-        )
-    scorer = Scorer.load(uri, settings)
-    metrics.model_info.info({"version": scorer.version, "arch": scorer.manifest.arch})
-    return StaticSource(scorer)
+    return ModelWatcher(settings, metrics, client).start()
 
 
 class Runtime:
@@ -186,6 +178,8 @@ class Runtime:
         self.webhooks.close()
         self._stop.set()
         self._heartbeat.join(5)
+        if hasattr(self.source, "close"):  # stop the model watcher's threads (worker.reload)
+            self.source.close()
         with contextlib.suppress(redis.RedisError):
             self.redis.delete(self.store.keys.worker(self.hostname))
         self.fetcher.close()

@@ -92,6 +92,21 @@ class Settings(BaseSettings):
     redis_retries: int = Field(5, description="Re-publishes of an event whose decision could not be written.")
 
     # --- model registry and hot reload (issue 4) -----------------------------------------------------
+    reload_poll_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often a worker re-reads the registry pointer; Redis pub/sub wakes it sooner.",
+    )
+    reload_warmup_batch: int = Field(
+        8,
+        ge=1,
+        description="Dummy crops run through a new model before it is swapped in (warm-up, shape check).",
+    )
+    shadow_queue: int = Field(
+        4,
+        ge=1,
+        description="Batches waiting for the shadow model; beyond it, batches are skipped, never delayed.",
+    )
 
     # --- training (issue 5) --------------------------------------------------------------------------
 
