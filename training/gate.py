@@ -109,4 +109,20 @@ def gate_and_publish(
     if result.passed:
         registry.publish(candidate, promote=True, by=by)
         result.published = result.promoted = True
+        notify_workers(settings, result.candidate_version, by)
     return result
+
+
+def notify_workers(settings: Settings, version: str, by: str) -> bool:
+    """Wake running workers so they hot-reload now; best effort, they also poll the pointer."""
+    if not settings.redis_url:
+        return False
+    import redis
+
+    from worker.reload import notify
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        return notify(client, settings.namespace, "promote", version, by)
+    finally:
+        client.close()
