@@ -7,7 +7,8 @@ Two checks, both on the serving path (checkpoint loaded and validated like a wor
   with the moderators on at least as many of them as ``current`` does, so a retrain cannot silently undo a
   correction a human made.
 
-With no ``current`` yet, the first candidate passes (there is nothing to regress from).
+With no ``current`` yet, the first candidate passes (there is nothing to regress from) unless an absolute
+floor ``min_roc_auc`` on the held-out set is given.
 """
 
 from __future__ import annotations
@@ -60,16 +61,26 @@ def gate(
     settings: Settings,
     *,
     tolerance: float = 0.0,
+    min_roc_auc: float | None = None,
 ) -> GateResult:
     cand = read_manifest(candidate)
     current_uri = registry.current_uri()
     result = GateResult(
         candidate_version=cand.version, current_version=registry.current_version(), passed=True
     )
+    src = ImageSource(settings)
+    if min_roc_auc is not None and not heldout.empty:
+        # an absolute floor: without it the first version of a registry passes whatever it is
+        uris = list(heldout["image_uri"])
+        auc = _auc(heldout, score_with_checkpoint(str(candidate), uris, settings, source=src))
+        ok = auc is None or auc >= min_roc_auc
+        result.checks.append(
+            GateCheck(name="min_roc_auc", candidate=auc, current=min_roc_auc, passed=ok, detail="floor")
+        )
     if current_uri is None:
         result.checks.append(GateCheck(name="first version", candidate=None, current=None, passed=True))
+        result.passed = all(c.passed for c in result.checks)
         return result
-    src = ImageSource(settings)
     for name, df in (("heldout_roc_auc", heldout), ("override_agreement", regression)):
         if df.empty:
             result.checks.append(
@@ -102,10 +113,13 @@ def gate_and_publish(
     settings: Settings,
     *,
     tolerance: float = 0.0,
+    min_roc_auc: float | None = None,
     by: str = "training",
 ) -> GateResult:
     """Publish the candidate as an immutable version; flip ``current`` to it only if the gate passes."""
-    result = gate(candidate, heldout, regression, registry, settings, tolerance=tolerance)
+    result = gate(
+        candidate, heldout, regression, registry, settings, tolerance=tolerance, min_roc_auc=min_roc_auc
+    )
     if result.passed:
         registry.publish(candidate, promote=True, by=by)
         result.published = result.promoted = True

@@ -401,6 +401,9 @@ def gate_command(
     overrides_file: OverridesFileOpt = None,
     overrides_from_redis: FromRedisOpt = False,
     tolerance: Annotated[float, typer.Option(help="Allowed ROC-AUC drop vs current.")] = 0.0,
+    min_roc_auc: Annotated[
+        float | None, typer.Option(help="Absolute held-out ROC-AUC floor (applies to a first version too).")
+    ] = None,
     registry: Annotated[str | None, typer.Option(help="Registry root (default: settings).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report; publish nothing.")] = False,
     val_frac: float = 0.1,
@@ -420,6 +423,7 @@ def gate_command(
         val_frac,
         test_frac,
         seed,
+        min_roc_auc,
     )
 
 
@@ -435,6 +439,7 @@ def run_gate(
     val_frac: float = 0.1,
     test_frac: float = 0.2,
     seed: int = 0,
+    min_roc_auc: float | None = None,
 ) -> None:
     from training.gate import gate, gate_and_publish
     from training.labels import overrides_from_file, regression_set
@@ -450,14 +455,23 @@ def run_gate(
     reg = open_registry(settings)
     try:
         fn = gate if dry_run else gate_and_publish
-        result = fn(candidate, heldout, regression_set(overrides), reg, settings, tolerance=tolerance)
+        result = fn(
+            candidate,
+            heldout,
+            regression_set(overrides),
+            reg,
+            settings,
+            tolerance=tolerance,
+            min_roc_auc=min_roc_auc,
+        )
     except CheckpointError as exc:
         raise fail(str(exc)) from exc
     for c in result.checks:
         mark = "[green]pass[/]" if c.passed else "[red]FAIL[/]"
         console.print(f"  {mark} {c.name}: candidate {c.candidate} vs current {c.current} {c.detail}")
     if not result.passed:
-        raise fail(f"gate failed: {result.candidate_version} is worse than {result.current_version}", code=3)
+        failed = ", ".join(c.name for c in result.checks if not c.passed)
+        raise fail(f"gate failed ({failed}): {result.candidate_version} not published", code=3)
     verb = "would publish" if dry_run else "published and promoted"
     console.print(f"{verb} [bold]{result.candidate_version}[/] (was {result.current_version}) in {reg.root}")
 

@@ -99,6 +99,9 @@ def test_gate_refuses_a_candidate_that_undoes_moderator_overrides(image_set: Pat
     env = {"MODERATION_HOME": str(tmp_path / "home")}
     common = ("-l", str(image_set), "--overrides-file", "overrides.csv", "--registry", str(reg_dir))
 
+    code, out, err = invoke("gate", str(says_real), *common, "--min-roc-auc", "0.9", cwd=tmp_path, env=env)
+    assert code == 3 and "min_roc_auc" in err, out + err  # a constant model is below any useful floor
+    assert not (reg_dir / "current.json").exists()
     code, _, err = invoke("gate", str(says_real), *common, cwd=tmp_path, env=env)
     assert code == 0, err[-2000:]
     registry = Registry(LocalStore(reg_dir))
