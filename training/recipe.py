@@ -13,7 +13,6 @@ size come from the environment, every rank trains on its shard, rank 0 validates
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -520,7 +519,3 @@ def train(
     if d.world > 1:
         dist.destroy_process_group()
     return RunResult(run, run / "checkpoint", manifest, history)
-
-
-def steps_per_epoch(n: int, batch: int) -> int:
-    return max(1, math.ceil(n / batch))
