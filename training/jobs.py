@@ -39,6 +39,7 @@ class JobRequest(BaseModel):
     publish: bool = True
     overrides_from_redis: bool = True
     tolerance: float = 0.0
+    min_roc_auc: float | None = None
     n_boot: int = 1000
 
 
@@ -131,6 +132,7 @@ def run_job(settings: Settings, job_id: str, request: JobRequest) -> dict[str, s
             registry,
             settings,
             tolerance=request.tolerance,
+            min_roc_auc=request.min_roc_auc,
         )
         state = "succeeded" if g.passed else "rejected"
         store.update(

@@ -494,6 +494,7 @@ def retrain(
     ] = None,
     publish: Annotated[bool, typer.Option(help="Gate and publish the result.")] = True,
     overrides_from_redis: Annotated[bool, typer.Option(help="Merge moderator overrides from Redis.")] = True,
+    min_roc_auc: Annotated[float | None, typer.Option(help="Gate: absolute held-out ROC-AUC floor.")] = None,
 ) -> None:
     """Send a training job to the {ns}.training Celery queue (run by 'moderation train-worker')."""
     if ctx.invoked_subcommand is not None:
@@ -515,7 +516,11 @@ def retrain(
     if not settings.redis_url:
         raise fail("no Redis configured: set REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
     request = JobRequest(
-        labels=labels, options=options, publish=publish, overrides_from_redis=overrides_from_redis
+        labels=labels,
+        options=options,
+        publish=publish,
+        overrides_from_redis=overrides_from_redis,
+        min_roc_auc=min_roc_auc,
     )
     job_id = submit(settings, request)
     console.print(
