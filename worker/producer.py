@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from worker.errors import SchemaError
 from worker.queue import DECIDE_TASK, Queues, make_app
 from worker.records import Decision, Event, Priority
 from worker.settings import Settings
@@ -52,20 +53,42 @@ class Producer:
         self.send(event)
         return event
 
-    def submit_many(self, events: Iterable[Event]) -> list[Event]:
+    def submit_many(self, events: Iterable[Event], chunk: int = 1000) -> list[Event]:
         """Bulk submit over one broker connection."""
-        sent = []
+        sent: list[Event] = []
         with self.app.producer_or_acquire() as producer:
+            batch: list[Event] = []
             for event in events:
-                self._send_raw(event.model_dump_json(), event.priority == Priority.URGENT, producer)
-                sent.append(event)
+                batch.append(event)
+                if len(batch) >= chunk:
+                    self._send_events(batch, producer)
+                    sent += batch
+                    batch = []
+            self._send_events(batch, producer)
+            sent += batch
         return sent
 
     def send(self, event: Event) -> None:
-        self._send_raw(event.model_dump_json(), event.priority == Priority.URGENT)
+        self._send_events([event])
 
-    def send_raw(self, raw: str, urgent: bool = False) -> None:
-        """Enqueue a message body as is (dead-letter replay, tests of malformed input)."""
+    def _send_events(self, events: list[Event], producer: Any = None) -> None:
+        raws = [e.model_dump_json() for e in events]
+        # Outbox first: an event the broker loses on its way to a worker is re-sent by the reaper.
+        self.store.register_pending(
+            (e.event_id, raw, e.submitted_at.timestamp()) for e, raw in zip(events, raws, strict=True)
+        )
+        for e, raw in zip(events, raws, strict=True):
+            self._send_raw(raw, e.priority == Priority.URGENT, producer)
+
+    def send_raw(self, raw: str, urgent: bool = False, *, register: bool = True) -> None:
+        """Enqueue a message body as is (dead-letter replay, reaper, tests of malformed input)."""
+        if register:
+            try:
+                event = Event.from_json(raw)
+            except SchemaError:
+                pass  # malformed: the worker dead-letters it; nothing to re-send
+            else:
+                self.store.register_pending([(event.event_id, raw, time.time())])
         self._send_raw(raw, urgent)
 
     def _send_raw(self, raw: str, urgent: bool, producer: Any = None) -> None:

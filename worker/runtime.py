@@ -22,6 +22,7 @@ from worker.batcher import Batcher, ScorerSource
 from worker.errors import ErrorReason, SchemaError
 from worker.fetch import Fetcher
 from worker.metrics import Metrics
+from worker.reaper import Reaper
 from worker.records import Decision, Event, Verdict, utcnow
 from worker.settings import Settings
 from worker.sink import DecisionStore
@@ -61,6 +62,7 @@ class Runtime:
         self.batcher = Batcher(self.source, self.fetcher, settings, self.metrics, self.store, self.hostname)
         self.webhooks = Webhooks(settings)
         self.ready = False
+        self.reaper: Reaper | None = None
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         self._in_flight = 0
@@ -166,7 +168,21 @@ class Runtime:
                 self.metrics.queue_depth.labels(q.urgent).set(urgent)
             except Exception:
                 log.warning("heartbeat_failed", exc_info=True)
+            try:
+                self._reaper().maybe_sweep()
+            except Exception:
+                log.warning("reaper_failed", exc_info=True)
             self._stop.wait(self.settings.heartbeat_s)
+
+    def _reaper(self) -> Reaper:
+        if self.reaper is None:
+            from worker.producer import Producer
+
+            producer = Producer(self.settings)
+            self.reaper = Reaper(
+                self.settings, self.store, lambda raw, urgent: producer.send_raw(raw, urgent, register=False)
+            )
+        return self.reaper
 
     def mark_ready(self) -> None:
         self.ready = True

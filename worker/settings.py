@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, description="Worker heartbeat (and queue-depth sample) period.")
     webhook_timeout_s: float = 5.0
     webhook_retries: int = Field(3, description="Attempts per webhook, with exponential backoff.")
+    reap_grace_s: float | None = Field(
+        None,
+        description="An undecided event missing from queues and workers this long is re-sent "
+        "(worker/reaper.py). Unset: the visibility timeout.",
+    )
     redis_retries: int = Field(5, description="Re-publishes of an event whose decision could not be written.")
 
     # --- model registry and hot reload (issue 4) -----------------------------------------------------

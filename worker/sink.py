@@ -11,6 +11,9 @@ Keys (``ns`` = settings.namespace)::
     {ns}:deadletter            stream: events that could not be decided, with the reason
     {ns}:deliveries:{event_id} deliveries of an undecided event (bounded redelivery); deleted once decided
     {ns}:worker:{hostname}     hash: a live worker's heartbeat (model version, pid, ready), with a TTL
+    {ns}:pending               sorted set: event ids submitted through the Producer and not yet decided, by
+                               submit (or last re-send) time; with {ns}:payload (hash event_id -> event JSON)
+                               it is the outbox the reaper re-sends from (worker/reaper.py)
 
 The first write of a decision and its stream entry and review-queue entry happen in one MULTI/EXEC after the
 NX check, so a crash between them cannot leave a decision without its stream entry.
@@ -59,6 +62,14 @@ class Keys:
     def deadletter(self) -> str:
         return f"{self.ns}:deadletter"
 
+    @property
+    def pending(self) -> str:
+        return f"{self.ns}:pending"
+
+    @property
+    def payload(self) -> str:
+        return f"{self.ns}:payload"
+
     def deliveries(self, event_id: str) -> str:
         return f"{self.ns}:deliveries:{event_id}"
 
@@ -68,6 +79,8 @@ class Keys:
 
 # Lua keeps the NX check and the three writes atomic and in one round trip.
 _WRITE_ONCE = """
+redis.call('ZREM', KEYS[5], ARGV[2])
+redis.call('HDEL', KEYS[6], ARGV[2])
 if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
   redis.call('SET', KEYS[2], ARGV[2])
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'event_id', ARGV[2], 'decision', ARGV[1])
@@ -105,6 +118,8 @@ class DecisionStore:
             self.keys.item(d.item_id),
             self.keys.decisions,
             self.keys.review,
+            self.keys.pending,
+            self.keys.payload,
         ]
         review = "1" if d.verdict == Verdict.REVIEW else "0"
         argv: list[str | float] = [d.to_json(), d.event_id, review, d.ai_score or 0.0, STREAM_MAXLEN]
@@ -127,7 +142,20 @@ class DecisionStore:
         body = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else (raw or "")
         entry = {"reason": reason, "detail": detail[:2000], "raw": body[:100_000], "at": utcnow().isoformat()}
         entry.update({k: str(v) for k, v in fields.items()})
-        return str(self.r.xadd(self.keys.deadletter, entry, maxlen=STREAM_MAXLEN, approximate=True))
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xadd(self.keys.deadletter, entry, maxlen=STREAM_MAXLEN, approximate=True)
+        if fields.get("event_id"):  # settled: the reaper must not re-send it
+            pipe.zrem(self.keys.pending, fields["event_id"])
+            pipe.hdel(self.keys.payload, fields["event_id"])
+        return str(pipe.execute()[0])
+
+    def register_pending(self, events: Iterable[tuple[str, str, float]]) -> None:
+        """Record (event_id, event JSON, submitted timestamp) before sending: the outbox the reaper uses."""
+        pipe = self.r.pipeline(transaction=False)
+        for event_id, raw, ts in events:
+            pipe.hset(self.keys.payload, event_id, raw)
+            pipe.zadd(self.keys.pending, {event_id: ts})
+        pipe.execute()
 
     # --- reads -------------------------------------------------------------------------------------
     def get(self, event_id: str) -> Decision | None:
