@@ -198,7 +198,7 @@ cli_training.register(app)
 from worker.cli_review import labels_export, review_app  # noqa: E402
 
 app.add_typer(review_app, name="review")
-app.command("labels-export")(labels_export)
+cli_training.labels_app.command("export")(labels_export)  # moderation labels export
 
 # operations (issue 7)
 from worker import cli_dlq  # noqa: E402

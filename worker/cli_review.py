@@ -1,4 +1,4 @@
-"""``moderation review`` (serve the page, manage accounts) and ``moderation labels-export``."""
+"""``moderation review`` (serve the page, manage accounts) and ``moderation labels export``."""
 
 from __future__ import annotations
 

@@ -30,7 +30,9 @@ def build_settings(**overrides: Any) -> Any:
     return cli_build_settings(**overrides)
 
 
-labels_app = typer.Typer(help="Inspect and validate labels tables.", no_args_is_help=True)
+labels_app = typer.Typer(
+    help="Labels tables: report on one, export moderator overrides as one.", no_args_is_help=True
+)
 
 LabelsOpt = Annotated[Path, typer.Option("--labels", "-l", help="Labels table: parquet, CSV or JSONL.")]
 OverridesFileOpt = Annotated[

@@ -135,7 +135,7 @@ def test_moderator_signs_in_reviews_and_overrides_with_a_shortcut(
     out = tmp_path / "labels.csv"
     result = CliRunner().invoke(
         _cli(),
-        ["labels-export", "--out", str(out), "--redis-url", review_server.settings.redis_url or "",
+        ["labels", "export", "--out", str(out), "--redis-url", review_server.settings.redis_url or "",
          "--namespace", review_server.settings.namespace],
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -24,7 +24,16 @@ pytestmark = pytest.mark.integration
 
 def export(decided: Decided, out: Path) -> tuple[int, str]:
     s = decided.settings
-    args = ["labels-export", "--out", str(out), "--redis-url", s.redis_url or "", "--namespace", s.namespace]
+    args = [
+        "labels",
+        "export",
+        "--out",
+        str(out),
+        "--redis-url",
+        s.redis_url or "",
+        "--namespace",
+        s.namespace,
+    ]
     result = CliRunner().invoke(app, args)
     return result.exit_code, result.output
 
