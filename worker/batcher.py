@@ -45,24 +45,6 @@ class ScorerSource(Protocol):
         """Called after each batch (shadow scoring hooks in here)."""
 
 
-class StaticSource:
-    """One model for the worker's lifetime (``--checkpoint`` pinned)."""
-
-    def __init__(self, scorer: Scorer) -> None:
-        self.scorer = scorer
-
-    def current(self) -> Scorer:
-        return self.scorer
-
-    def observe(
-        self,
-        items: Sequence[tuple[Event, Prepared | ModerationError]],
-        decisions: Sequence[Decision],
-        model_s: float,
-    ) -> None:
-        return None
-
-
 @dataclass
 class Outcome:
     """What a waiting task learns: the decision and whether this delivery wrote it (False: a duplicate)."""
