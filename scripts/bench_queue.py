@@ -34,7 +34,7 @@ from worker.checkpoint import init_checkpoint
 from worker.fetch import Fetcher
 from worker.localredis import private_redis
 from worker.producer import Producer
-from worker.records import Event
+from worker.records import Event, utcnow
 from worker.runtime import live_workers
 from worker.scoring import Scorer, score_events
 from worker.settings import Settings
@@ -118,7 +118,8 @@ def end_to_end(
                 delay = t0 + i / rate - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-                producer.send(e)
+                events[i] = e.model_copy(update={"submitted_at": utcnow()})  # latency from the actual send
+                producer.send(events[i])
         got = producer.wait([e.event_id for e in events], timeout=3600)
         decided = [d.decided_at.timestamp() for d in got.values()]
         start = min(decided) if rate is None else min(e.submitted_at for e in events).timestamp()
