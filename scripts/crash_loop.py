@@ -20,13 +20,13 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.core import images  # noqa: E402
-from tests.worker_proc import start_worker  # noqa: E402
-from worker.checkpoint import init_checkpoint  # noqa: E402
-from worker.localredis import private_redis  # noqa: E402
-from worker.producer import Producer  # noqa: E402
-from worker.records import Event  # noqa: E402
-from worker.settings import Settings  # noqa: E402
+from tests.core import images
+from tests.worker_proc import start_worker
+from worker.checkpoint import init_checkpoint
+from worker.localredis import private_redis
+from worker.producer import Producer
+from worker.records import Event
+from worker.settings import Settings
 
 
 def main() -> None:
@@ -57,7 +57,8 @@ def main() -> None:
             lost_runs += missing > 0
             print(
                 f"run {run}: missing {missing}, dead letters {r.xlen('moderation:deadletter')}, "
-                f"re-sent {second.log().count('event_resent')}, decisions on stream {r.xlen('moderation:decisions')}",
+                f"re-sent {second.log().count('event_resent')}, "
+                f"decisions on stream {r.xlen('moderation:decisions')}",
                 flush=True,
             )
             second.stop()
