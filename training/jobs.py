@@ -128,7 +128,7 @@ def run_job(settings: Settings, job_id: str, request: JobRequest) -> dict[str, s
         g = fn(
             result.checkpoint,
             heldout,
-            regression_set(overrides),
+            regression_set(overrides, exclude=table.loc[table["split"] == "train", "image_uri"]),
             registry,
             settings,
             tolerance=request.tolerance,

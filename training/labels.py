@@ -273,12 +273,17 @@ def apply_overrides(
     return df
 
 
-def regression_set(overrides: Sequence[Override]) -> pd.DataFrame:
-    """Items whose (latest) override disagreed with the model: a candidate must not get these wrong again."""
+def regression_set(overrides: Sequence[Override], exclude: Iterable[str] = ()) -> pd.DataFrame:
+    """Items whose (latest) override disagreed with the model: a candidate must not get these wrong again.
+
+    ``exclude``: image URIs the candidate was trained on (its train split); scoring a model on its own
+    training items would make the check pass by construction.
+    """
+    seen = set(exclude)
     rows = [
         {"image_uri": o.image_uri, "ai_score": o.target, "source": "override", "group": o.image_uri}
         for o in latest_per_uri(overrides).values()
-        if o.disagreed
+        if o.disagreed and o.image_uri not in seen
     ]
     return pd.DataFrame(rows, columns=["image_uri", "ai_score", "source", "group"])
 

@@ -460,7 +460,7 @@ def run_gate(
         result = fn(
             candidate,
             heldout,
-            regression_set(overrides),
+            regression_set(overrides, exclude=table.loc[table["split"] == "train", "image_uri"]),
             reg,
             settings,
             tolerance=tolerance,

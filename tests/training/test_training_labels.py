@@ -105,6 +105,8 @@ def test_overrides_from_the_real_redis_stream_win_over_the_teacher(redis_url: st
     assert merged.loc["new.jpg", "ai_score"] == 1.0
     # review -> review is not a disagreement; allow<->block flips are the regression set
     assert sorted(regression_set(overrides)["image_uri"]) == ["a.jpg", "g.jpg"]
+    # items the candidate trained on cannot test it
+    assert list(regression_set(overrides, exclude=["a.jpg"])["image_uri"]) == ["g.jpg"]
     assert summarize(merged.reset_index()).overridden == 3
 
 
