@@ -262,12 +262,19 @@ class ModelWatcher:
             return
         log.info("reload_started", model_version=version, previous=self.version)
         t0 = time.perf_counter()
-        try:
-            scorer = self._load(self.registry.uri_for(version), expect=version)
-        except Refused as exc:
-            self._refuse(version, exc)
-            return
         with self._lock:
+            shadowed = self._shadow if self._shadow is not None and self._shadow.version == version else None
+        if shadowed is not None:
+            scorer = shadowed  # promoting the shadowed version: it is loaded and validated already
+        else:
+            try:
+                scorer = self._load(self.registry.uri_for(version), expect=version)
+            except Refused as exc:
+                self._refuse(version, exc)
+                return
+        with self._lock:
+            if shadowed is not None:
+                self._shadow = None
             previous, self._scorer = self._scorer, scorer  # the swap: batches after this line use ``scorer``
         self.metrics.reloads.inc()
         self._publish_info(scorer, previous=previous.version if previous else None)
@@ -283,7 +290,7 @@ class ModelWatcher:
         wanted = raw.decode() if isinstance(raw, bytes) else raw
         if wanted == self.shadow_version:
             return
-        if wanted is None or self._skip(wanted):
+        if wanted is None or wanted == self.version or self._skip(wanted):  # promoted: nothing to shadow
             if self.shadow_version is not None:
                 with self._lock:
                     self._shadow = None
@@ -302,6 +309,7 @@ class ModelWatcher:
         """Download, verify, build, check golden scores and output shape, warm up; else :class:`Refused`."""
         import numpy as np
         import torch
+        from botocore.exceptions import BotoCoreError
 
         from worker.checkpoint import check_golden, fetch_checkpoint, load_checkpoint, read_manifest
         from worker.model import to_input
@@ -312,7 +320,7 @@ class ModelWatcher:
         try:
             path = fetch_checkpoint(uri, s)
             manifest = read_manifest(path)
-        except (CheckpointError, OSError, ValueError) as exc:
+        except (CheckpointError, OSError, ValueError, BotoCoreError) as exc:
             raise Refused("unreadable", str(exc)) from exc
         if expect is not None and manifest.version != expect:
             raise Refused("version_mismatch", f"manifest at {uri} says {manifest.version}, expected {expect}")
@@ -327,6 +335,8 @@ class ModelWatcher:
             check_golden(ckpt, device, s.golden_tolerance)
         except CheckpointError as exc:
             raise Refused("golden", str(exc)) from exc
+        except torch.cuda.OutOfMemoryError as exc:
+            raise Refused("out_of_memory", str(exc)) from exc
         n = s.reload_warmup_batch
         dummy = np.zeros((n, manifest.crop_size, manifest.crop_size, 3), dtype=np.uint8)
         try:

@@ -242,6 +242,12 @@ def test_shadow_of_identical_weights_agrees_fully(
         assert rep.agreement == 1.0 and rep.mean_abs_diff == pytest.approx(0.0, abs=1e-6)
         assert rep.p95_abs_diff is not None and rep.p95_abs_diff <= 0.001
         assert rep.latency_ratio is not None and rep.latency_ratio > 0
+        # Promoting the shadowed version serves the copy already loaded and validated; shadowing stops.
+        shadow_scorer = watcher._shadow
+        registry.promote(twin)
+        watcher.check_now()
+        assert watcher.version == twin and watcher.shadow_version is None
+        assert watcher.current() is shadow_scorer
 
 
 @pytest.mark.parametrize("registry_root", ["local"], indirect=True)
