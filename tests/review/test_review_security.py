@@ -111,6 +111,25 @@ def test_sign_in_refuses_wrong_password_and_sets_a_strict_cookie(review_server: 
         assert r.status_code == 303 and r.headers["location"] == "/queue"  # no open redirect
 
 
+def test_repeated_failures_for_a_name_are_throttled_without_locking_out_others(review_server: Server) -> None:
+    with client(review_server) as c:
+        token = csrf_in(c.get("/login").text)
+        codes = [
+            c.post(
+                "/login",
+                data={"username": "guesswho", "password": f"guess-{i}", "csrf_token": token},
+                headers={"Origin": review_server.url},
+            ).status_code
+            for i in range(11)
+        ]
+    assert codes[:10] == [401] * 10 and codes[10] == 429
+    other = sign_in(review_server, "mia")  # another name from the same address still signs in
+    try:
+        assert other.get("/queue").status_code == 200
+    finally:
+        other.close()
+
+
 def test_cross_site_form_posts_are_refused(review_server: Server, mia: httpx.Client) -> None:
     store = review_server.store
     target, other = review_server.decided.review_items()[-1], review_server.decided.review_items()[-2]

@@ -19,6 +19,8 @@ import json
 import os
 import secrets
 import tempfile
+import threading
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -214,3 +216,43 @@ def safe_next(target: str | None, default: str = "/queue") -> str:
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return default
     return target
+
+
+class LoginThrottle:
+    """Bounds what an anonymous client can make the host do through ``POST /login``.
+
+    Each argon2 verify costs 64 MiB and a core for a moment, and the form is reachable without an account, so
+    concurrent verifies are capped, and a name with too many recent failures is turned away (HTTP 429) until
+    its window passes. Per process, in memory: enough for one review host.
+    """
+
+    def __init__(self, max_concurrent: int = 2, max_failures: int = 10, window_s: float = 600.0) -> None:
+        self.slots = threading.BoundedSemaphore(max_concurrent)
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str, now: float) -> list[float]:
+        times = [t for t in self._failures.get(key, []) if now - t < self.window_s]
+        if times:
+            self._failures[key] = times
+        else:
+            self._failures.pop(key, None)
+        return times
+
+    def locked(self, *keys: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            return any(len(self._recent(k, now)) >= self.max_failures for k in keys)
+
+    def failed(self, *keys: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for k in keys:
+                self._failures.setdefault(k, []).append(now)
+
+    def succeeded(self, *keys: str) -> None:
+        with self._lock:
+            for k in keys:
+                self._failures.pop(k, None)

@@ -11,7 +11,7 @@ from fastapi.templating import Jinja2Templates
 
 from worker.fetch import Fetcher
 from worker.records import Decision
-from worker.review.auth import Directory
+from worker.review.auth import Directory, LoginThrottle
 from worker.review.heatmap import Heatmaps
 from worker.review.media import LRU, Images
 from worker.settings import Settings
@@ -29,6 +29,7 @@ class Review:
     heatmaps: Heatmaps
     templates: Jinja2Templates
     thumbs: LRU[bytes] = field(default_factory=lambda: LRU(256))
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
     @classmethod
     def build(cls, settings: Settings, store: DecisionStore) -> Review:

@@ -52,10 +52,21 @@ def login(
     csrf: Csrf = "",
 ) -> Response:
     check_post(request, review, csrf)
-    user = review.directory.authenticate(username.strip(), password)
+    # Keyed by name only: behind a proxy every client shares one address, and one noisy client must not
+    # lock everybody out.
+    keys = (f"user:{username.strip()}",)
+    ctx = {"next": safe_next(next), "error": "Too many attempts: try again later.", "username": username}
+    if review.throttle.locked(*keys) or not review.throttle.slots.acquire(timeout=10):
+        return render(request, review, "login.html", ctx, 429)
+    try:
+        user = review.directory.authenticate(username.strip(), password)
+    finally:
+        review.throttle.slots.release()
     if user is None:
-        ctx = {"next": safe_next(next), "error": "Wrong name or password.", "username": username}
+        review.throttle.failed(*keys)
+        ctx["error"] = "Wrong name or password."
         return render(request, review, "login.html", ctx, 401)
+    review.throttle.succeeded(*keys)
     request.session.clear()  # a new session on sign-in: nothing planted before it survives
     request.session.update(user=user.name, csrf=new_csrf_token())
     return RedirectResponse(safe_next(next), status_code=303)
