@@ -124,6 +124,7 @@ class ModelWatcher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._skipped_full: dict[str, int] = {}
         self._shadow_jobs: queue.Queue[tuple[Scorer, Sequence[Any], Sequence[Decision], float]] = queue.Queue(
             maxsize=settings.shadow_queue
         )
@@ -153,8 +154,8 @@ class ModelWatcher:
         try:
             self._shadow_jobs.put_nowait((candidate, prepared_items, decisions, model_seconds))
         except queue.Full:  # the shadow is slower than live traffic: sample, never back-pressure
-            with contextlib.suppress(Exception):
-                shadow.count_skipped(self.redis, self.keys.shadow_stats(candidate.version), "queue_full")
+            with self._lock:  # counted in memory: no Redis round trip on the model thread
+                self._skipped_full[candidate.version] = self._skipped_full.get(candidate.version, 0) + 1
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -446,11 +447,18 @@ class ModelWatcher:
             except queue.Empty:
                 continue
             try:
+                self._flush_skipped()
                 self._score_shadow(*job)
             except Exception as exc:
                 log.warning("shadow_scoring_failed", error=str(exc))
             finally:
                 self._shadow_jobs.task_done()
+
+    def _flush_skipped(self) -> None:
+        with self._lock:
+            skipped, self._skipped_full = self._skipped_full, {}
+        for version, n in skipped.items():
+            shadow.count_skipped(self.redis, self.keys.shadow_stats(version), "queue_full", n)
 
     def _score_shadow(
         self,
@@ -463,9 +471,10 @@ class ModelWatcher:
         live = self.version
         if live is not None and live == candidate.version:
             return  # promoted meanwhile: comparing a model with itself says nothing
-        with self._lock:
-            current = self._scorer
-        if current is not None and current.manifest.crop_size != candidate.manifest.crop_size:
+        from worker.scoring import Prepared
+
+        cut = next((p.crops.shape[1] for _, p in items if isinstance(p, Prepared)), None)
+        if cut is not None and cut != candidate.spec.size:  # crops of this batch were cut for another window
             shadow.count_skipped(self.redis, key, "crop_size_differs")
             return
         shadow_decisions = candidate.score_prepared(list(items))

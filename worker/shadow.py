@@ -47,8 +47,8 @@ def record(
     pipe.execute()
 
 
-def count_skipped(client: Any, key: str, reason: str) -> None:
-    client.hincrby(key, f"skipped:{reason}", 1)
+def count_skipped(client: Any, key: str, reason: str, n: int = 1) -> None:
+    client.hincrby(key, f"skipped:{reason}", n)
 
 
 class ShadowReport(BaseModel):
