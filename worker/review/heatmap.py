@@ -149,6 +149,11 @@ class Heatmaps:
         m = ckpt.manifest
         assert decision.deciding_crop is not None
         box = decision.crops[decision.deciding_crop].box
+        if box.right - box.left != m.crop_size:  # a fallback checkpoint with another window: wrong pixels
+            raise HeatmapUnavailable(
+                f"the decision's crops are {box.right - box.left} px; "
+                f"checkpoint {m.version} uses {m.crop_size} px"
+            )
         img = ensure_min_size(self.images.decoded(decision.image_uri), m.crop_size)
         crop = crop_array(img, box)
         x = to_input(np.array(crop[None]), m.mean, m.std, "cpu")  # a writable copy for torch
