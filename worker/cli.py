@@ -104,25 +104,30 @@ def score(
 
 
 def print_decisions(decisions: list[Any], title: str | None = None) -> None:
-    table = Table(title=title)
-    table.add_column("item", no_wrap=True, min_width=12)
-    table.add_column("verdict")
-    table.add_column("ai_score", justify="right")
-    table.add_column("deciding crop (l,t)-(r,b)")
-    table.add_column("model", overflow="fold", max_width=28)
-    table.add_column("reason", overflow="fold")
+    versions = {d.model_version for d in decisions if d.model_version}
+    one_model = len(versions) <= 1  # the usual case: name it once under the table, keep the width for rows
+    table = Table(title=title, caption=f"model {next(iter(versions))}" if len(versions) == 1 else None)
+    table.add_column("item", overflow="fold", min_width=14, ratio=3)
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("ai_score", justify="right", no_wrap=True)
+    table.add_column("deciding crop", no_wrap=True)
+    if not one_model:
+        table.add_column("model", overflow="fold", min_width=12, ratio=2)
+    table.add_column("reason", overflow="fold", min_width=12, ratio=2)
     colours = {"allow": "green", "review": "yellow", "block": "red", "error": "magenta"}
     for d in decisions:
         box = d.crops[d.deciding_crop].box if d.deciding_crop is not None and d.crops else None
         detail = (d.detail or "")[:60]
-        table.add_row(
+        row = [
             Path(d.item_id).name if "/" in d.item_id else d.item_id,
             f"[{colours.get(d.verdict.value, 'white')}]{d.verdict.value}[/]",
             "" if d.ai_score is None else f"{d.ai_score:.3f}",
-            "" if box is None else f"({box.left},{box.top})-({box.right},{box.bottom})",
-            d.model_version or "",
-            "" if d.reason is None else f"{d.reason.value}: {detail}",
-        )
+            "" if box is None else f"{box.right - box.left}px at ({box.left},{box.top})",
+        ]
+        if not one_model:
+            row.append(d.model_version or "")
+        row.append("" if d.reason is None else f"{d.reason.value}: {detail}")
+        table.add_row(*row)
     console.print(table)
 
 
