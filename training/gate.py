@@ -120,6 +120,19 @@ def gate_and_publish(
     result = gate(
         candidate, heldout, regression, registry, settings, tolerance=tolerance, min_roc_auc=min_roc_auc
     )
+    now_current = registry.current_version()
+    if result.passed and now_current != result.current_version:
+        # someone promoted or rolled back while we scored: the comparison no longer holds
+        result.checks.append(
+            GateCheck(
+                name="current unchanged",
+                candidate=None,
+                current=None,
+                passed=False,
+                detail=f"current moved from {result.current_version} to {now_current} during the gate",
+            )
+        )
+        result.passed = False
     if result.passed:
         registry.publish(candidate, promote=True, by=by)
         result.published = result.promoted = True
