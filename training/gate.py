@@ -64,15 +64,23 @@ def gate(
     min_roc_auc: float | None = None,
 ) -> GateResult:
     cand = read_manifest(candidate)
-    current_uri = registry.current_uri()
+    pointer = registry.pointer()  # read once: version and URI of the same current
+    current_uri = None if pointer is None else registry.uri_for(pointer.version)
     result = GateResult(
-        candidate_version=cand.version, current_version=registry.current_version(), passed=True
+        candidate_version=cand.version, current_version=pointer and pointer.version, passed=True
     )
     src = ImageSource(settings)
+    scored: dict[int, np.ndarray] = {}  # the candidate's scores per table: each table is scored once
+
+    def candidate_scores(df: pd.DataFrame) -> np.ndarray:
+        if id(df) not in scored:
+            uris = list(df["image_uri"])
+            scored[id(df)] = score_with_checkpoint(str(candidate), uris, settings, source=src)
+        return scored[id(df)]
+
     if min_roc_auc is not None and not heldout.empty:
         # an absolute floor: without it the first version of a registry passes whatever it is
-        uris = list(heldout["image_uri"])
-        auc = _auc(heldout, score_with_checkpoint(str(candidate), uris, settings, source=src))
+        auc = _auc(heldout, candidate_scores(heldout))
         ok = auc is None or auc >= min_roc_auc
         result.checks.append(
             GateCheck(name="min_roc_auc", candidate=auc, current=min_roc_auc, passed=ok, detail="floor")
@@ -88,7 +96,7 @@ def gate(
             )
             continue
         uris = list(df["image_uri"])
-        s_new = score_with_checkpoint(str(candidate), uris, settings, source=src)
+        s_new = candidate_scores(df)
         s_old = score_with_checkpoint(current_uri, uris, settings, source=src)
         if name == "heldout_roc_auc":
             new, old = _auc(df, s_new), _auc(df, s_old)
