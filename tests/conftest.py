@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,25 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.setdefault("MODERATION_LOG_FORMAT", "json")
     env.update(extra)
     return env
+
+
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+    **extra_env: str,
+) -> subprocess.CompletedProcess[str]:
+    """``moderation ARGS`` as a user runs it: a real subprocess of this checkout, no stdin."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        cwd=cwd,
+        env=env if env is not None else subprocess_env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import subprocess_env
+from tests.conftest import run_cli
 from worker.records import Decision, Verdict
 from worker.samples import sample_labels, sample_paths
 
 
 def run(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=cwd,
-        env=subprocess_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return run_cli(*args, cwd=cwd, timeout=180, **env)
 
 
 def test_checkpoint_init_then_score_samples_as_json(tmp_path: Path) -> None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import subprocess_env
+from tests.conftest import run_cli, subprocess_env
 from tests.core import images
 from tests.worker_proc import running_worker
 from worker.samples import sample_paths
@@ -18,14 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 def moderation(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def test_demo_starts_its_own_redis_and_worker_and_decides_every_sample(

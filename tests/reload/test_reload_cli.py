@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import redis
 from typer.testing import CliRunner, Result
 
-from tests.conftest import subprocess_env
+from tests.conftest import run_cli, subprocess_env
 from worker.checkpoint import read_manifest
 from worker.cli import app
 from worker.records import Decision, Verdict
@@ -162,9 +161,7 @@ def test_entry_point_on_s3(s3_endpoint: str, s3_bucket: str, ckpt_a: Path, tmp_p
     env.pop("REDIS_URL", None)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=180
-        )
+        return run_cli(*args, env=env, timeout=180)
 
     out = run("publish", str(ckpt_a), "--promote")
     assert out.returncode == 0, out.stderr

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import subprocess_env
-
-
-def run_cli(*args: str, cwd: Path, timeout: float = 240, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=cwd,
-        env=subprocess_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.conftest import run_cli  # noqa: F401  (re-exported for the training tests)
 
 
 def invoke(*args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
