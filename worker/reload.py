@@ -85,6 +85,16 @@ RETRY_TRANSIENT_S = 30.0
 LOW_PRIORITY = 10  # niceness of the loading and shadow threads
 
 
+def _s3_errors() -> tuple[type[Exception], ...]:
+    """botocore's base error, which an s3:// registry raises; none where boto3 is not installed (then no s3://
+    checkpoint can be read either), so a worker serving local checkpoints does not need botocore."""
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return ()
+    return (BotoCoreError,)
+
+
 class Refused(Exception):
     """A candidate model failed one validation step; ``reason`` is the metric label."""
 
@@ -310,7 +320,6 @@ class ModelWatcher:
         """Download, verify, build, check golden scores and output shape, warm up; else :class:`Refused`."""
         import numpy as np
         import torch
-        from botocore.exceptions import BotoCoreError
 
         from worker.checkpoint import check_golden, fetch_checkpoint, load_checkpoint, read_manifest
         from worker.model import to_input
@@ -318,10 +327,11 @@ class ModelWatcher:
 
         s = self.settings
         device = s.resolved_device()
+        unreadable: tuple[type[Exception], ...] = (CheckpointError, OSError, ValueError, *_s3_errors())
         try:
             path = fetch_checkpoint(uri, s)
             manifest = read_manifest(path)
-        except (CheckpointError, OSError, ValueError, BotoCoreError) as exc:
+        except unreadable as exc:
             raise Refused("unreadable", str(exc)) from exc
         if expect is not None and manifest.version != expect:
             raise Refused("version_mismatch", f"manifest at {uri} says {manifest.version}, expected {expect}")
