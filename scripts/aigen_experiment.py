@@ -98,7 +98,16 @@ def main() -> None:
     src = ImageSource(settings)
     probe_variants = {}
     for key, tf in TRANSFORMS.items():
-        x = embed(backbone, test_uris, src, CropSpec(args.crop_size, 1), mean=mean, std=std, transform=tf)
+        x = embed(
+            backbone,
+            test_uris,
+            src,
+            CropSpec(args.crop_size, 1),
+            mean=mean,
+            std=std,
+            device=settings.resolved_device(),
+            transform=tf,
+        )
         probe_variants[key] = probe.pipeline.predict_proba(x)[:, 1]
     rep = evaluate_scores(
         probe_eval,

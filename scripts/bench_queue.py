@@ -95,7 +95,9 @@ def end_to_end(
         MODERATION_PREFETCH=str(threads),
         MODERATION_LOG_LEVEL="WARNING",
         MODERATION_LOG_FORMAT="json",
-        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
+        ),
     )
     producer = Producer(settings)
     warm = [Event(item_id=f"warm{i}", image_uri=events[0].image_uri) for i in range(2 * settings.max_batch)]
@@ -108,7 +110,7 @@ def end_to_end(
     try:
         while not any(w.get("ready") == "1" for w in live_workers(producer.store.r, settings.namespace)):
             if proc.poll() is not None:
-                raise SystemExit(f"worker died, see {tmp / 'worker.log'}")
+                raise SystemExit(f"worker died:\n{(tmp / 'worker.log').read_text(errors='replace')[-4000:]}")
             time.sleep(0.2)
         if rate is not None:
             producer.submit_many(warm)

@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--repeat", type=int, default=1, help="tile the image list N times (longer epochs)")
     args = ap.parse_args()
     settings = Settings(device=args.device)
     device = settings.resolved_device()
@@ -87,7 +88,8 @@ def main() -> None:
     pure = args.steps * b / (time.perf_counter() - t0)
 
     teacher, _ = simulated_teacher(args.data, pos_share=0.5)
-    ds = CropDataset(list(teacher.image_uri), list(teacher.ai_score), ImageSource(settings), s)
+    uris, scores = list(teacher.image_uri) * args.repeat, list(teacher.ai_score) * args.repeat
+    ds = CropDataset(uris, scores, ImageSource(settings), s)
     loader = torch.utils.data.DataLoader(
         ds,
         batch_size=b,
