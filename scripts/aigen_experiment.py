@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from training.data import ImageSource
 from training.evaluate import (
     evaluate_scores,
@@ -80,6 +82,7 @@ def main() -> None:
     t = time.perf_counter()
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
     weights = resolve_pretrained(pretrained, args.arch, settings.home / "cache" / "pretrained")
+    torch.manual_seed(args.seed)  # a random-init backbone (--pretrained none) gives the same probe every run
     backbone = create_model(args.arch, pretrained_file=weights)
     mean, std = data_config(args.arch)
     probe = fit_probe(
