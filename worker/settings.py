@@ -53,6 +53,15 @@ class Settings(BaseSettings):
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"],
         description="Pillow format names we decode; everything else is unsupported_format.",
     )
+    jpeg_decode: Literal["auto", "pillow", "torchvision"] = Field(
+        "auto",
+        description="Who decodes JPEGs. torchvision: batched on the model's device (nvJPEG on CUDA; Pillow "
+        "cannot keep up with a GPU), other formats and refused files still go through Pillow. auto: "
+        "torchvision when the model runs on CUDA, else pillow (worker/jpeg.py).",
+    )
+    jpeg_batch_pixels: int = Field(
+        256_000_000, ge=1, description="Pixels per device decode call at most (bounds GPU memory)."
+    )
 
     # --- model --------------------------------------------------------------------------------------
     device: str = Field("auto", description="auto (cuda if present), cpu, cuda, cuda:1, ...")
