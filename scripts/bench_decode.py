@@ -17,13 +17,12 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,22 +32,12 @@ from worker.scoring import prepare_bytes
 from worker.settings import Settings
 
 
-def make_jpegs(count: int, megapixels: float, quality: int = 90) -> list[bytes]:
-    """Photo-like JPEGs (gradients plus noise), as scripts/bench_queue.py makes them."""
-    import io
+def make_jpegs(count: int, megapixels: float) -> list[bytes]:
+    """The photo-like JPEGs scripts/bench_queue.py measures, as bytes."""
+    from bench_queue import make_images  # this script's folder is on sys.path when run as a script
 
-    rng = np.random.default_rng(0)
-    w = int((megapixels * 1e6 * 4 / 3) ** 0.5)
-    h = int(w * 3 / 4)
-    out = []
-    for i in range(count):
-        yy, xx = np.mgrid[0:h, 0:w]
-        base = np.stack([(xx * (i + 1)) % 256, (yy * 2) % 256, ((xx + yy) // 3) % 256], -1).astype(np.float32)
-        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "JPEG", quality=quality)
-        out.append(buf.getvalue())
-    return out
+    with tempfile.TemporaryDirectory() as tmp:
+        return [p.read_bytes() for p in make_images(Path(tmp), count, megapixels)]
 
 
 def rate(fn: Callable[[], int], seconds: float, sync: Callable[[], None] = lambda: None) -> float:
