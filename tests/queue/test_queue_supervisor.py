@@ -171,7 +171,7 @@ def test_a_child_killed_stops_the_unit_non_zero_and_a_restart_decides_each_event
     }
     sup = start_worker(redis_url, tmp_path, tiny_checkpoint, env={**fast, "MODERATION_WORKER_PROCESSES": "2"})
     victim, survivor = sup.children(2)
-    big = big_events(image_dir, 200, "k")
+    big = big_events(image_dir, 120, "k")
     try:
         sup.wait_ready(hostnames=[victim, survivor])
         producer.submit_many(big)
