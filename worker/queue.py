@@ -23,8 +23,6 @@ Delivery guarantees we want and the setting that gives each:
 * JSON only (``accept_content=["json"]``): a pickle from the queue would be code execution.
 * Queue order ``priority``: the worker polls ``{ns}.urgent`` before ``{ns}.events`` every time.
 * No result backend: the decision store is the result.
-* ``broker_transport``: kombu's own Redis transport with one change that is not about delivery: it reuses one
-  client object instead of building one per unacked-record and per ack (``worker/transport.py``).
 """
 
 from __future__ import annotations
@@ -33,11 +31,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
-from celery.backends.base import DisabledBackend
 
 from worker.errors import ErrorReason
 from worker.settings import Settings
-from worker.transport import TRANSPORT
 
 if TYPE_CHECKING:
     from worker.runtime import Runtime
@@ -73,7 +69,6 @@ def delivery_config(settings: Settings) -> dict[str, Any]:
     q = Queues(settings.namespace)
     return {
         "broker_url": settings.redis_url,
-        "broker_transport": TRANSPORT,  # kombu's Redis transport, one client object (worker/transport.py)
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
@@ -108,11 +103,7 @@ def make_app(settings: Settings) -> ModerationCelery:
     app.settings = settings
     app.conf.update(delivery_config(settings))
 
-    # No result backend. Handing the task its disabled backend object spares every pool thread Celery's own
-    # lookup (a thread-local one, each an entry-points scan: seconds of GIL time while 256 threads warm up).
-    disabled = DisabledBackend(app)
-
-    @app.task(name=DECIDE_TASK, bind=True, max_retries=settings.redis_retries, backend=disabled)
+    @app.task(name=DECIDE_TASK, bind=True, max_retries=settings.redis_retries)
     def decide(self: Any, raw: str) -> None:
         """One event in, one decision (or dead-letter entry) out; the runtime batches across tasks."""
         runtime = self.app.runtime
