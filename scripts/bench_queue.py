@@ -82,7 +82,13 @@ def in_process(scorer: Scorer, settings: Settings, events: list[Event], batch: i
 
 
 def end_to_end(
-    settings: Settings, ckpt: str, events: list[Event], rate: float | None, tmp: Path, threads: int
+    settings: Settings,
+    ckpt: str,
+    events: list[Event],
+    rate: float | None,
+    tmp: Path,
+    threads: int,
+    processes: int = 1,
 ) -> dict[str, float]:
     env = dict(os.environ)
     env.update(
@@ -106,9 +112,17 @@ def end_to_end(
         # the worker is never starved; the rate is taken between the first and last of the measured decisions.
         producer.submit_many(warm + events)
     log = (tmp / "worker.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "worker", "worker"], env=env, stdout=log, stderr=log)
+    # --processes N: a supervisor and N children named {hostname}-{i}; wait until every one of them is ready.
+    hostname = f"bench-{time.monotonic_ns()}"
+    want = {hostname} if processes == 1 else {f"{hostname}-{i}" for i in range(processes)}
+    cmd = [sys.executable, "-m", "worker", "worker", "--processes", str(processes), "--hostname", hostname]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
     try:
-        while not any(w.get("ready") == "1" for w in live_workers(producer.store.r, settings.namespace)):
+        while not want <= {
+            w.get("hostname")
+            for w in live_workers(producer.store.r, settings.namespace)
+            if w.get("ready") == "1"
+        }:
             if proc.poll() is not None:
                 raise SystemExit(f"worker died:\n{(tmp / 'worker.log').read_text(errors='replace')[-4000:]}")
             time.sleep(0.2)
@@ -149,7 +163,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="max_batch, same for all three measurements")
     ap.add_argument("--max-wait-ms", type=float, default=20.0)
     ap.add_argument("--decode-threads", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=128, help="worker concurrency (= prefetch)")
+    ap.add_argument("--threads", type=int, default=128, help="worker concurrency (= prefetch), per process")
+    ap.add_argument(
+        "--processes", type=int, default=1, help="worker processes (moderation worker --processes)"
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument(
         "--load", type=float, default=0.7, help="offered load as a share of saturation throughput"
@@ -183,6 +200,7 @@ def main() -> None:
             "device": settings.resolved_device(),
             "events": args.events,
             "batch": args.batch,
+            "processes": args.processes,
             "megapixels": args.megapixels,
             "machine": f"{platform.machine()} {os.cpu_count()} cores",
         }
@@ -195,13 +213,13 @@ def main() -> None:
             res["in_process_images_per_s"] = in_process(scorer, settings, mk("ip"), args.batch)
         del scorer
         print("end to end, saturation ...", flush=True)
-        sat = end_to_end(settings, ckpt, mk("sat"), None, tmp, args.threads)
+        sat = end_to_end(settings, ckpt, mk("sat"), None, tmp, args.threads, args.processes)
         res["e2e_saturation"] = sat  # latency here is queueing time of a full backlog, not service latency
         rate = args.load * sat["decisions_per_s"]
         print(f"end to end, fixed load {rate:.1f}/s ...", flush=True)
         res["e2e_fixed_load"] = {
             "offered_per_s": rate,
-            **end_to_end(settings, ckpt, mk("fix"), rate, tmp, args.threads),
+            **end_to_end(settings, ckpt, mk("fix"), rate, tmp, args.threads, args.processes),
         }
         res["e2e_vs_in_process"] = sat["decisions_per_s"] / float(res["in_process_images_per_s"])  # type: ignore[arg-type]
     print(json.dumps(res, indent=2))

@@ -32,19 +32,24 @@ class WorkerProc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def heartbeat(self) -> dict[str, str]:
+    def children(self, n: int) -> list[str]:
+        """Hostnames of the children of ``--processes n`` (the supervisor names them ``{hostname}-{i}``)."""
+        return [f"{self.hostname}-{i}" for i in range(n)]
+
+    def heartbeat(self, hostname: str | None = None) -> dict[str, str]:
         client = redis.Redis.from_url(self.redis_url, decode_responses=True)
         for w in live_workers(client, self.namespace):
-            if w.get("hostname") == self.hostname:
+            if w.get("hostname") == (hostname or self.hostname):
                 return w
         return {}
 
-    def wait_ready(self, timeout: float = 90.0) -> None:
+    def wait_ready(self, timeout: float = 90.0, hostnames: list[str] | None = None) -> None:
+        """Until this worker (or each of ``hostnames``, the children of a supervisor) is ready."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            if self.heartbeat().get("ready") == "1":
+            if all(self.heartbeat(h).get("ready") == "1" for h in hostnames or [self.hostname]):
                 return
             time.sleep(0.1)
         raise AssertionError(f"worker not ready after {timeout}s:\n{self.log()[-4000:]}")

@@ -1,7 +1,8 @@
 """Cross-event micro-batching: crops from many events share one model call.
 
 Events arrive one per Celery thread. Each is fetched, decoded and cropped on a small decode pool (so the next
-batch is prepared while the model runs), then queued for the single model thread, which takes items until it
+batch is prepared while the model runs; on CUDA a JPEG is only planned there and decoded with its batch on
+the GPU, see worker/jpeg.py), then queued for the single model thread, which takes items until it
 holds ``max_batch`` crops or the oldest has waited ``max_wait_ms``. The model thread asks its
 :class:`ScorerSource` for the model once per batch: that call is the hot-reload seam, so a swap always falls
 between two batches. Decisions of a batch are written in one Redis round trip, then every waiting task is
@@ -22,6 +23,7 @@ import structlog
 
 from worker.errors import ErrorReason, ModerationError
 from worker.fetch import Fetcher
+from worker.jpeg import Pending
 from worker.metrics import Metrics
 from worker.records import Decision, Event
 from worker.scoring import Prepared, Scorer, error_decision, prepare_or_error
@@ -56,13 +58,16 @@ class Outcome:
 @dataclass
 class _Item:
     event: Event
-    prepared: Prepared | ModerationError
+    prepared: Prepared | Pending | ModerationError
     future: Future[Outcome]
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
     def n_crops(self) -> int:
-        return len(self.prepared.crops) if isinstance(self.prepared, Prepared) else 0
+        p = self.prepared
+        if isinstance(p, Prepared):
+            return len(p.crops)
+        return len(p.boxes) if isinstance(p, Pending) else 0
 
 
 class Batcher:
@@ -98,8 +103,10 @@ class Batcher:
 
     def _prepare(self, event: Event, fut: Future[Outcome]) -> None:
         try:
-            spec = self.source.current().spec
-            prepared = prepare_or_error(event.image_uri, self.fetcher, spec)
+            scorer = self.source.current()
+            prepared = prepare_or_error(
+                event.image_uri, self.fetcher, scorer.spec, defer_jpeg=scorer.defers_jpeg
+            )
         except Exception as exc:  # never strand a waiting task
             prepared = ModerationError(ErrorReason.INTERNAL, f"{type(exc).__name__}: {exc}")
         self._ready.put(_Item(event, prepared, fut))
@@ -131,13 +138,20 @@ class Batcher:
 
     def _process(self, items: list[_Item]) -> None:
         scorer = self.source.current()
-        pairs: list[tuple[Event, Prepared | ModerationError]] = []
+        planned: list[tuple[Event, Prepared | Pending | ModerationError]] = []
         for it in items:
             p = it.prepared
             if isinstance(p, Prepared) and p.crops.shape[1] != scorer.spec.size:
                 # the model was swapped for one with another window between decode and batch: recut
                 p = prepare_or_error(it.event.image_uri, self.fetcher, scorer.spec)
-            pairs.append((it.event, p))
+            planned.append((it.event, p))
+        # Device JPEG decode of the whole batch (Pending items of a swapped model are recut by Pillow there).
+        try:
+            pairs = scorer.materialize(planned)
+        except Exception as exc:  # never strand a waiting task, even on a bug in there
+            log.exception("materialize_failed", size=len(planned))
+            err = ModerationError(ErrorReason.INTERNAL, f"device decode failed: {type(exc).__name__}: {exc}")
+            pairs = [(e, err if isinstance(p, Pending) else p) for e, p in planned]
         t0 = time.perf_counter()
         batch_id = f"{self.name}:{self.batches}"
         decisions = [d.model_copy(update={"batch_id": batch_id}) for d in self._score(scorer, pairs)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,12 +36,26 @@ def worker(
         "urgent,events"
     ),
     hostname: Annotated[str | None, typer.Option(help="Worker name (default host-pid).")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus metrics on this port (with --processes N: port+i for child i)."),
+    ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Worker processes (default MODERATION_WORKER_PROCESSES, 1). Above 1 a supervisor starts "
+            "children HOSTNAME-0..N-1 with these options, metrics port METRICS_PORT+i and, for device "
+            "auto/cuda on a multi-GPU host, cuda:(i mod GPUs); it forwards SIGTERM/SIGINT and, if a child "
+            "exits on its own, stops the others and exits non-zero.",
+        ),
+    ] = None,
 ) -> None:
     """Run a queue worker: decide events from Redis in cross-event batches until SIGTERM.
 
     First SIGTERM/SIGINT: stop taking messages, finish and ack everything held, exit. Second: exit now (held
-    messages are redelivered after the visibility timeout).
+    messages are redelivered after the visibility timeout). With --processes N (N > 1) the same holds for
+    every child (docs/queue.md, "Several processes per GPU").
     """
     from celery.signals import worker_ready
 
@@ -56,8 +71,19 @@ def worker(
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
         metrics_port=metrics_port,
+        worker_processes=processes,
     )
     _need_redis(settings)
+    if settings.worker_processes > 1:
+        child_options = {
+            "--checkpoint": checkpoint,
+            "--concurrency": concurrency,
+            "--max-batch": max_batch,
+            "--max-wait-ms": max_wait_ms,
+            "--queues": queues,
+        }
+        common = [str(a) for k, v in child_options.items() if v is not None for a in (k, v)]
+        raise typer.Exit(_supervise(settings, common, hostname, device))
     configure_logging(settings, component="worker")
     install_celery_logging(settings, component="worker")
     init_sentry(settings, "worker")
@@ -96,6 +122,23 @@ def worker(
     finally:
         runtime.close()
     raise typer.Exit(w.exitcode or 0)
+
+
+def _supervise(settings: Settings, common: list[str], hostname: str | None, device: str | None) -> int:
+    """``--processes N``: N child workers under one supervisor (worker/supervisor.py); its exit status."""
+    from worker.logs import configure_logging
+    from worker.supervisor import Supervisor, plan_children, spread_devices, visible_gpus
+
+    configure_logging(settings, component="supervisor")
+    n = settings.worker_processes
+    gpus = visible_gpus() if settings.device in ("auto", "cuda") else 0
+    children = plan_children(
+        n,
+        hostname or f"{socket.gethostname()}-{os.getpid()}",
+        settings.metrics_port,
+        [spread or device for spread in spread_devices(settings.device, n, gpus)],
+    )
+    return Supervisor(children, common, drain_timeout_s=settings.visibility_timeout_s).run()
 
 
 def _second_signal_exits_now() -> None:

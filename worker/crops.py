@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import torch
 from PIL import Image
 
 from worker.records import Box
@@ -77,6 +78,46 @@ def random_box(width: int, height: int, size: int, rng: random.Random) -> Box:
 def crop_array(img: Image.Image, box: Box) -> np.ndarray:
     """Exact pixels of ``box`` as an HxWx3 uint8 array (no resampling)."""
     return np.asarray(img.crop((box.left, box.top, box.right, box.bottom)), dtype=np.uint8)
+
+
+def stored_region(box: Box, orientation: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """Rows and columns ``(top, bottom, left, right)`` of the *stored* image under a display-space ``box``.
+
+    ``width`` x ``height`` is the stored (undecoded-orientation) size; ``orientation`` is the EXIF tag (1-8)
+    that Pillow's ``ImageOps.exif_transpose`` applies. Cutting the stored pixels and then orienting the small
+    crop (:func:`crop_tensor`) gives the same pixels as orienting the whole image first, at a fraction of the
+    memory traffic.
+    """
+    t, b, left, r = box.top, box.bottom, box.left, box.right
+    w, h = width, height
+    regions = {
+        1: (t, b, left, r),
+        2: (t, b, w - r, w - left),
+        3: (h - b, h - t, w - r, w - left),
+        4: (h - b, h - t, left, r),
+        5: (left, r, t, b),
+        6: (h - r, h - left, t, b),
+        7: (h - r, h - left, w - b, w - t),
+        8: (left, r, w - b, w - t),
+    }
+    return regions.get(orientation, regions[1])
+
+
+def crop_tensor(stored_hwc: torch.Tensor, box: Box, orientation: int = 1) -> torch.Tensor:
+    """Exact pixels of display-space ``box`` from an H x W x C tensor in stored orientation (no resampling).
+
+    The tensor counterpart of :func:`crop_array` for images decoded straight onto the model's device
+    (``worker.jpeg``): the same window, the same orientation as Pillow's ``exif_transpose``.
+    """
+    h, w = int(stored_hwc.shape[0]), int(stored_hwc.shape[1])
+    top, bottom, left, right = stored_region(box, orientation, w, h)
+    if not (0 <= top < bottom <= h and 0 <= left < right <= w):
+        raise ValueError(f"box {box} (orientation {orientation}) is outside the {w}x{h} stored image")
+    c = stored_hwc[top:bottom, left:right]
+    if orientation in (5, 6, 7, 8):
+        c = c.transpose(0, 1)
+    flips = {2: (1,), 3: (0, 1), 4: (0,), 6: (1,), 7: (0, 1), 8: (0,)}.get(orientation)
+    return c.flip(flips) if flips else c
 
 
 def inference_crops(img: Image.Image, spec: CropSpec) -> tuple[np.ndarray, list[Box]]:

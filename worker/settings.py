@@ -53,6 +53,15 @@ class Settings(BaseSettings):
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"],
         description="Pillow format names we decode; everything else is unsupported_format.",
     )
+    jpeg_decode: Literal["auto", "pillow", "torchvision"] = Field(
+        "auto",
+        description="Who decodes JPEGs. torchvision: batched on the model's device (nvJPEG on CUDA; Pillow "
+        "cannot keep up with a GPU), other formats and refused files still go through Pillow. auto: "
+        "torchvision when the model runs on CUDA, else pillow (worker/jpeg.py).",
+    )
+    jpeg_batch_pixels: int = Field(
+        256_000_000, ge=1, description="Pixels per device decode call at most (bounds GPU memory)."
+    )
 
     # --- model --------------------------------------------------------------------------------------
     device: str = Field("auto", description="auto (cuda if present), cpu, cuda, cuda:1, ...")
@@ -95,6 +104,13 @@ class Settings(BaseSettings):
         "(worker/reaper.py). Unset: the visibility timeout.",
     )
     redis_retries: int = Field(5, description="Re-publishes of an event whose decision could not be written.")
+    worker_processes: int = Field(
+        1,
+        ge=1,
+        description="Worker processes per `moderation worker` unit; above 1 a supervisor runs them "
+        "(worker/supervisor.py). One process tops out near 1,000-1,500 events/s on Python/GIL cost (Celery "
+        "dispatch, Redis round trips) while one GPU scores about 7,500 crops/s, so a GPU host runs several.",
+    )
 
     # --- model registry and hot reload (issue 4) -----------------------------------------------------
     reload_poll_s: float = Field(
