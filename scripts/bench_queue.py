@@ -84,6 +84,22 @@ def in_process(scorer: Scorer, settings: Settings, events: list[Event], batch: i
 TICK_S = 0.002
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its descendants (Linux /proc; 0 elsewhere)."""
+    total, todo = 0.0, [pid]
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def _send_slice(redis_url: str, home: str, events: list[Event], rate: float, t0: float) -> list[Event]:
     """Open-loop sender: every tick, the events now due go out in one bulk submit, stamped as sent."""
     producer = Producer(Settings(redis_url=redis_url, home=Path(home)))
@@ -172,8 +188,11 @@ def end_to_end(
         if rate is not None:
             producer.submit_many(warm)
             producer.wait([e.event_id for e in warm], 300)
+        cpu0 = cpu_seconds(proc.pid)
+        if rate is not None:
             events = offer(settings, events, rate, senders)
         got = producer.wait([e.event_id for e in events], timeout=3600)
+        worker_cpu = cpu_seconds(proc.pid) - cpu0
         decided = [d.decided_at.timestamp() for d in got.values()]
         start = min(decided) if rate is None else min(e.submitted_at for e in events).timestamp()
         lat = [(d.decided_at - e.submitted_at).total_seconds() for e in events if (d := got.get(e.event_id))]
@@ -184,6 +203,8 @@ def end_to_end(
             **({"sent_per_s": (len(sent) - 1) / (sent[-1] - sent[0])} if rate and sent[-1] > sent[0] else {}),
             "decided": len(got),
             "errors": errors,
+            # the worker processes' CPU per decided event: the Python/broker cost that caps one process
+            "worker_cpu_ms_per_event": 1e3 * worker_cpu / max(1, len(got)),
             **percentiles(lat),
         }
     finally:
