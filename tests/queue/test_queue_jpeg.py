@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 def test_worker_with_device_jpeg_decode_matches_pillow_and_decides_each_event_once(
-    redis_url: str, tiny_checkpoint: Path, tmp_path: Path
+    redis_url: str, producer: Producer, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     d = tmp_path / "imgs"
     d.mkdir()
@@ -43,7 +43,6 @@ def test_worker_with_device_jpeg_decode_matches_pillow_and_decides_each_event_on
     decided = score_events(first, scorer, Fetcher(reference_settings))
     reference = {Path(e.image_uri).name: dec for e, dec in zip(first, decided, strict=True)}
 
-    producer = Producer(Settings(redis_url=redis_url, home=tmp_path / "home"))
     env = {"MODERATION_JPEG_DECODE": "torchvision", "MODERATION_MAX_WAIT_MS": "50"}
     with running_worker(redis_url, tmp_path, tiny_checkpoint, env=env) as w:
         producer.submit_many(events)

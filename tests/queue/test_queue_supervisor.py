@@ -23,13 +23,7 @@ from tests.queue.test_queue_worker import _wait_until, assert_exactly_once, stre
 from tests.worker_proc import running_worker, start_worker
 from worker.producer import Producer
 from worker.records import Event
-from worker.settings import Settings
 from worker.supervisor import ChildSpec, describe, exit_status, plan_children, spread_devices
-
-
-@pytest.fixture
-def producer(redis_url: str, tmp_path: Path) -> Producer:
-    return Producer(Settings(redis_url=redis_url, home=tmp_path / "home"))
 
 
 @pytest.fixture(scope="module")

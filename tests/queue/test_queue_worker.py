@@ -22,15 +22,9 @@ from tests.worker_proc import running_worker, start_worker
 from worker.errors import ErrorReason
 from worker.producer import Producer
 from worker.records import Decision, Event, Priority, Verdict
-from worker.settings import Settings
 from worker.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
-
-
-@pytest.fixture
-def producer(redis_url: str, tmp_path: Path) -> Producer:
-    return Producer(Settings(redis_url=redis_url, home=tmp_path / "home"))
 
 
 @pytest.fixture(scope="module")
