@@ -34,9 +34,9 @@ from training.pretrained import resolve_pretrained
 from training.probe import embed, fit_probe
 from training.recipe import TrainConfig, train
 from training.simulate import simulated_teacher
-from worker.crops import CropSpec
-from worker.model import create_model, data_config
-from worker.registry import LocalStore, Registry
+from worker.lifecycle.registry import LocalStore, Registry
+from worker.media.crops import CropSpec
+from worker.scoring.model import create_model, data_config
 from worker.settings import Settings
 
 TRANSFORMS = {"jpeg_q75": reencode_jpeg(75), "jpeg_q50": reencode_jpeg(50), "resize_0.5": resize_by(0.5)}

@@ -3,7 +3,7 @@
 1. Pillow: safe decode + native crops, what the decode pool does per image on the CPU path;
 2. plan: header only (format, mode, size, EXIF, crop boxes), what the decode pool does per JPEG on CUDA;
 3. torchvision on the CPU: batched ``decode_jpeg`` + crops (libjpeg-turbo, for comparison);
-4. on CUDA: nvJPEG batched decode + crops on the GPU, per batch size, synchronised (``worker.jpeg``).
+4. on CUDA: nvJPEG batched decode + crops on the GPU, per batch size, synchronised (``worker.media.jpeg``).
 
     python scripts/bench_decode.py --megapixels 1.0 --images 64
 
@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.crops import CropSpec
-from worker.jpeg import JpegDecoder, Pending, plan
-from worker.scoring import prepare_bytes
+from worker.media.crops import CropSpec
+from worker.media.jpeg import JpegDecoder, Pending, plan
+from worker.scoring.scorer import prepare_bytes
 from worker.settings import Settings
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How many JSON log lines per second one core writes through ``worker.logs`` (ours and stdlib's).
+"""How many JSON log lines per second one core writes through ``worker.ops.logs`` (ours and stdlib's).
 
 Celery's default would be three lines per event ("received", "succeeded", and our "decided"), so at
 thousands of events per second the logging pipeline is a budget item. This measures, in one thread, lines
@@ -18,8 +18,8 @@ import logging
 import os
 import time
 
-from worker.logs import bind_event, configure_logging, get_logger
-from worker.metrics import Metrics
+from worker.ops.logs import bind_event, configure_logging, get_logger
+from worker.ops.metrics import Metrics
 from worker.settings import Settings
 
 

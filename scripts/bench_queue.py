@@ -30,13 +30,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.checkpoint import init_checkpoint
-from worker.fetch import Fetcher
-from worker.localredis import private_redis
-from worker.producer import Producer
+from worker.ingress.producer import Producer
+from worker.media.fetch import Fetcher
+from worker.process.localredis import private_redis
+from worker.process.runtime import live_workers
 from worker.records import Event, utcnow
-from worker.runtime import live_workers
-from worker.scoring import Scorer, score_events
+from worker.scoring.checkpoint import init_checkpoint
+from worker.scoring.scorer import Scorer, score_events
 from worker.settings import Settings
 
 

@@ -29,12 +29,12 @@ import redis
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from worker.checkpoint import init_checkpoint  # noqa: E402
-from worker.localredis import private_redis  # noqa: E402
-from worker.producer import Producer  # noqa: E402
+from worker.ingress.producer import Producer  # noqa: E402
+from worker.lifecycle.registry import open_registry  # noqa: E402
+from worker.lifecycle.reload import notify  # noqa: E402
+from worker.process.localredis import private_redis  # noqa: E402
 from worker.records import Event, Verdict  # noqa: E402
-from worker.registry import open_registry  # noqa: E402
-from worker.reload import notify  # noqa: E402
+from worker.scoring.checkpoint import init_checkpoint  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 WINDOW_S = 30.0

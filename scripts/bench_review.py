@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from worker.localredis import private_redis
-from worker.model import create_model
+from worker.delivery.store import DecisionStore
+from worker.process.localredis import private_redis
 from worker.records import Box, CropScore, Decision, Thresholds, Verdict, utcnow
 from worker.review.heatmap import grad_cam
 from worker.review.queue import QueueQuery, Sort, page
-from worker.sink import DecisionStore
+from worker.scoring.model import create_model
 
 
 def median_ms(fn: Callable[[], object], repeat: int) -> float:

@@ -20,7 +20,7 @@ import torch
 from training.data import CropDataset, ImageSource
 from training.losses import soft_bce
 from training.simulate import simulated_teacher
-from worker.model import create_model, data_config, to_input
+from worker.scoring.model import create_model, data_config, to_input
 from worker.settings import Settings
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "aigen-dev"

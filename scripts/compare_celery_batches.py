@@ -59,7 +59,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from worker.localredis import private_redis
+    from worker.process.localredis import private_redis
 
     with tempfile.TemporaryDirectory() as tmp, private_redis(Path(tmp)) as url:
         app = make_app(url)

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.core import images
 from tests.worker_proc import start_worker
-from worker.checkpoint import init_checkpoint
-from worker.localredis import private_redis
-from worker.producer import Producer
+from worker.ingress.producer import Producer
+from worker.process.localredis import private_redis
 from worker.records import Event
+from worker.scoring.checkpoint import init_checkpoint
 from worker.settings import Settings
 
 

@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image
 
-from worker.checkpoint import init_checkpoint
-from worker.localredis import private_redis
-from worker.producer import Producer
+from worker.ingress.producer import Producer
+from worker.process.localredis import private_redis
+from worker.process.runtime import live_workers
 from worker.records import Event
-from worker.runtime import live_workers
+from worker.scoring.checkpoint import init_checkpoint
 from worker.settings import Settings
 
 

@@ -16,17 +16,17 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker.checkpoint import init_checkpoint
-from worker.localredis import free_port, private_redis
+from worker.process.localredis import free_port, private_redis
+from worker.scoring.checkpoint import init_checkpoint
 from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` skip where CUDA is missing (CI, developers' machines); ``scripts/device_check``
-    runs them on a lent GPU. ``MODERATION_GPU_TEST_DEVICE=cpu`` runs their logic on the CPU instead (the
-    device check's rehearsal); CUDA-only assertions are then left out by the tests themselves."""
+    """Tests marked ``gpu`` skip where CUDA is missing; ``pytest -m gpu`` on a CUDA host runs them.
+    ``MODERATION_GPU_TEST_DEVICE=cpu`` runs their logic on the CPU instead; CUDA-only assertions are then left
+    out by the tests themselves."""
     gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu or os.environ.get("MODERATION_GPU_TEST_DEVICE"):
         return
@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs CUDA (run on a GPU machine: scripts/device_check, docs/device.md)")
+    skip = pytest.mark.skip(reason="needs CUDA (run `pytest -m gpu` on a CUDA host)")
     for item in gpu:
         item.add_marker(skip)
 

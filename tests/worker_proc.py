@@ -14,7 +14,7 @@ from pathlib import Path
 import redis
 
 from tests.conftest import subprocess_env
-from worker.runtime import live_workers
+from worker.process.runtime import live_workers
 
 
 @dataclass

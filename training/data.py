@@ -1,8 +1,8 @@
 """Images for training and evaluation: the serving fetch and decode, the shared native crops, splits.
 
-Training reads pixels exactly the way serving does (``worker.fetch``, ``worker.decode``, ``worker.crops``)
-so a model never learns a preprocessing difference. Encoded bytes are cached in memory (a few hundred MB for
-tens of thousands of JPEGs), decoding happens per step in the loader workers.
+Training reads pixels exactly the way serving does (``worker.media.fetch``, ``worker.media.decode``,
+``worker.media.crops``) so a model never learns a preprocessing difference. Encoded bytes are cached in memory
+(a few hundred MB for tens of thousands of JPEGs), decoding happens per step in the loader workers.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from training.labels import HIGH, LabelsError
-from worker.crops import CropSpec, aggregate, inference_crops, training_crop
-from worker.decode import decode_image
 from worker.errors import ModerationError
-from worker.fetch import Fetcher
-from worker.model import to_input
+from worker.media.crops import CropSpec, aggregate, inference_crops, training_crop
+from worker.media.decode import decode_image
+from worker.media.fetch import Fetcher
+from worker.scoring.model import to_input
 
 if TYPE_CHECKING:
     from worker.settings import Settings

@@ -1,10 +1,10 @@
 """Evaluation: ranking quality with bootstrap intervals, per-source figures, calibration, thresholds, plots.
 
-Scores come from a checkpoint run through the serving path (``worker.scoring.Scorer``: checksum and golden
-validation, the shared crops and aggregation), or from a scores table (e.g. the probe baseline), so every
-candidate is judged by one function. Small benchmarks lie easily, so every AUC carries a bootstrap interval,
-per-source rows show which part of the data a number comes from, and re-encoded copies of the test images
-(another JPEG quality, a resize) expose models that learned the file format rather than the generator.
+Scores come from a checkpoint run through the serving path (``worker.scoring.scorer.Scorer``: checksum and
+golden validation, the shared crops and aggregation), or from a scores table (e.g. the probe baseline), so
+every candidate is judged by one function. Small benchmarks lie easily, so every AUC carries a bootstrap
+interval, per-source rows show which part of the data a number comes from, and re-encoded copies of the test
+images (another JPEG quality, a resize) expose models that learned the file format rather than the generator.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from training.data import ImageSource, hard_labels
-from worker.crops import aggregate, inference_crops
+from worker.media.crops import aggregate, inference_crops
 from worker.settings import Settings
 
 Transform = Callable[[Image.Image], Image.Image]
@@ -119,7 +119,7 @@ def score_with_checkpoint(
     source: ImageSource | None = None,
 ) -> np.ndarray:
     """ai_score per image exactly as a worker would compute it (optionally on transformed copies)."""
-    from worker.scoring import Scorer
+    from worker.scoring.scorer import Scorer
 
     scorer = Scorer.load(uri, settings)
     src = source or ImageSource(settings)

@@ -22,8 +22,8 @@ from sklearn.metrics import roc_auc_score
 
 from training.data import ImageSource, hard_labels
 from training.evaluate import score_with_checkpoint
-from worker.checkpoint import read_manifest
-from worker.registry import Registry
+from worker.lifecycle.registry import Registry
+from worker.scoring.checkpoint import read_manifest
 from worker.settings import Settings
 
 
@@ -154,7 +154,7 @@ def notify_workers(settings: Settings, version: str, by: str) -> bool:
         return False
     import redis
 
-    from worker.reload import notify
+    from worker.lifecycle.reload import notify
 
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     try:

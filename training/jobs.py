@@ -96,8 +96,8 @@ def run_job(settings: Settings, job_id: str, request: JobRequest) -> dict[str, s
     from training.gate import gate, gate_and_publish
     from training.labels import load_labels, overrides_from_store, regression_set
     from training.recipe import TrainConfig, train
-    from worker.registry import open_registry
-    from worker.sink import DecisionStore
+    from worker.delivery.store import DecisionStore
+    from worker.lifecycle.registry import open_registry
 
     store = JobStore.from_settings(settings)
     store.update(job_id, state="running", started_at=utcnow().isoformat())
@@ -154,8 +154,8 @@ def run_job(settings: Settings, job_id: str, request: JobRequest) -> dict[str, s
 
 
 def make_training_app(settings: Settings) -> Any:
-    """The queue program (``worker.queue.make_app``) plus the training task, routed to ``{ns}.training``."""
-    from worker.queue import Queues, make_app
+    """The queue program (``worker.process.app.make_app``) plus the training task, on ``{ns}.training``."""
+    from worker.process.app import Queues, make_app
 
     app = make_app(settings)
     q = Queues(settings.namespace)
@@ -170,7 +170,7 @@ def make_training_app(settings: Settings) -> Any:
 
 def submit(settings: Settings, request: JobRequest) -> str:
     """Record the job as queued, then enqueue it on the training queue; returns the job id."""
-    from worker.queue import Queues
+    from worker.process.app import Queues
 
     store = JobStore.from_settings(settings)
     job_id = store.create(request)

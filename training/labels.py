@@ -21,7 +21,7 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
-    from worker.sink import DecisionStore
+    from worker.delivery.store import DecisionStore
 
 REQUIRED = ("image_uri", "ai_score")
 OPTIONAL = ("split", "group", "source")

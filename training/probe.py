@@ -2,7 +2,7 @@
 
 Cheap (one forward pass per image, no backprop) and a strong reference: a fine-tune that does not beat the
 probe on held-out data has learned nothing the backbone did not already know. Embeddings use the serving
-centre crops (``worker.crops.inference_crops``), averaged over crops when there are several.
+centre crops (``worker.media.crops.inference_crops``), averaged over crops when there are several.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from training.data import ImageSource, hard_labels
-from worker.crops import CropSpec, inference_crops
-from worker.model import to_input
+from worker.media.crops import CropSpec, inference_crops
+from worker.scoring.model import to_input
 
 
 @dataclass

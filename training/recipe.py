@@ -37,11 +37,11 @@ from training.labels import (
     snapshot_hash,
 )
 from training.losses import soft_bce
-from worker.checkpoint import Manifest, load_checkpoint, save_checkpoint
-from worker.crops import CropSpec
 from worker.errors import CheckpointError
-from worker.model import create_model, data_config
+from worker.media.crops import CropSpec
 from worker.records import Thresholds
+from worker.scoring.checkpoint import Manifest, load_checkpoint, save_checkpoint
+from worker.scoring.model import create_model, data_config
 from worker.settings import Settings
 
 STATE = "state.pt"
@@ -182,7 +182,7 @@ def build_model(cfg: TrainConfig, settings: Settings) -> tuple[torch.nn.Module, 
     if cfg.init_from:
         uri = cfg.init_from
         if uri == "current":
-            from worker.registry import open_registry
+            from worker.lifecycle.registry import open_registry
 
             current = open_registry(settings).current_uri()
             if current is None:
@@ -260,7 +260,7 @@ def train_one_epoch(
     """One pass; returns (mean loss, global step, images seen)."""
     from tqdm.auto import tqdm
 
-    from worker.model import to_input
+    from worker.scoring.model import to_input
 
     model.train()
     cuda = device.startswith("cuda")

@@ -26,8 +26,8 @@ from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 
 from training.losses import soft_bce
-from worker.crops import CropSpec, inference_crops, training_crop
-from worker.model import create_model, data_config, to_input
+from worker.media.crops import CropSpec, inference_crops, training_crop
+from worker.scoring.model import create_model, data_config, to_input
 
 View = Callable[[Image.Image, random.Random, bool], np.ndarray]
 

@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
 
-    # --- queue worker (issue 3) ----------------------------------------------------------------------
+    # --- queue worker --------------------------------------------------------------------------------
     restore_interval_s: int = Field(
         10, description="How often a live worker sweeps for messages whose visibility timeout expired."
     )
@@ -112,7 +112,7 @@ class Settings(BaseSettings):
         "dispatch, Redis round trips) while one GPU scores about 7,500 crops/s, so a GPU host runs several.",
     )
 
-    # --- model registry and hot reload (issue 4) -----------------------------------------------------
+    # --- model registry and hot reload ---------------------------------------------------------------
     reload_poll_s: float = Field(
         5.0,
         gt=0,
@@ -129,9 +129,7 @@ class Settings(BaseSettings):
         description="Batches waiting for the shadow model; beyond it, batches are skipped, never delayed.",
     )
 
-    # --- training (issue 5) --------------------------------------------------------------------------
-
-    # --- review page (issue 6) -----------------------------------------------------------------------
+    # --- review page ---------------------------------------------------------------------------------
     review_users: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description='Page accounts as JSON {"name": {"hash": "<argon2>", "role": "moderator|admin"}}.',
@@ -149,8 +147,6 @@ class Settings(BaseSettings):
         default_factory=list, description="Extra Origins a form POST may come from (besides the page's own)."
     )
     review_cache_items: int = Field(256, description="Heatmaps and thumbnails kept in memory.")
-
-    # --- operations (issue 7) ------------------------------------------------------------------------
 
     def resolved_device(self) -> str:
         import torch

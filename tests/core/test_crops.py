@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.crops import (
+from worker.media.crops import (
     CropSpec,
     aggregate,
     crop_array,

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from tests.core import images
-from worker.crops import CropSpec, inference_crops
-from worker.decode import decode_image
 from worker.errors import DecodeError, ErrorReason
+from worker.media.crops import CropSpec, inference_crops
+from worker.media.decode import decode_image
 
 FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"]
 

@@ -15,12 +15,12 @@ import torch
 from PIL import Image, ImageOps
 
 from tests.core import images
-from worker.crops import CropSpec, crop_array, crop_tensor, inference_boxes
 from worker.errors import ErrorReason
-from worker.fetch import Fetcher
-from worker.jpeg import JpegDecoder, Pending, plan
+from worker.media.crops import CropSpec, crop_array, crop_tensor, inference_boxes
+from worker.media.fetch import Fetcher
+from worker.media.jpeg import JpegDecoder, Pending, plan
 from worker.records import Box, Event, Verdict
-from worker.scoring import Prepared, Scorer, prepare_bytes, score_events
+from worker.scoring.scorer import Prepared, Scorer, prepare_bytes, score_events
 from worker.settings import Settings
 
 FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"]

@@ -9,12 +9,12 @@ import boto3
 import pytest
 
 from tests.core import images
-from worker.checkpoint import load_checkpoint, upload_checkpoint
 from worker.errors import CheckpointError, ErrorReason
-from worker.fetch import Fetcher
+from worker.media.fetch import Fetcher
 from worker.records import Event, Verdict
 from worker.samples import sample_paths
-from worker.scoring import Scorer, score_events
+from worker.scoring.checkpoint import load_checkpoint, upload_checkpoint
+from worker.scoring.scorer import Scorer, score_events
 from worker.settings import Settings
 
 

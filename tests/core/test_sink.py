@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from worker.delivery.store import DecisionStore
 from worker.records import Decision, Verdict
-from worker.sink import DecisionStore
 
 
 def decision(event_id: str, verdict: Verdict, score: float, item: str = "item") -> Decision:

@@ -1,9 +1,8 @@
 """GPU tests: the scoring and training paths on CUDA, compared with the CPU's fp32 results.
 
-Every test here is marked ``gpu``; without CUDA it is skipped (tests/conftest.py). ``scripts/device_check``
-runs them on a lent GPU machine (docs/device.md). ``MODERATION_GPU_TEST_DEVICE=cpu`` runs their logic on the
-CPU, leaving out the assertions that only hold on CUDA (bf16 autocast, channels_last): that is how the device
-check's rehearsal proves them before any GPU time is spent.
+Every test here is marked ``gpu``; without CUDA it is skipped (tests/conftest.py). ``pytest -m gpu``
+on a CUDA host runs them. ``MODERATION_GPU_TEST_DEVICE=cpu`` runs their logic on the CPU, leaving out the
+assertions that only hold on CUDA (bf16 autocast, channels_last), so they can be checked without a GPU.
 """
 
 from __future__ import annotations

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from worker.checkpoint import init_checkpoint
-from worker.crops import CropSpec
-from worker.fetch import Fetcher
-from worker.golden import golden_crops
+from worker.media.crops import CropSpec
+from worker.media.fetch import Fetcher
 from worker.records import Event, Verdict
 from worker.samples import sample_paths
-from worker.scoring import Scorer, prepare, score_events
+from worker.scoring.checkpoint import init_checkpoint
+from worker.scoring.golden import golden_crops
+from worker.scoring.scorer import Scorer, prepare, score_events
 from worker.settings import Settings
 
 pytestmark = pytest.mark.gpu

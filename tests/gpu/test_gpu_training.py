@@ -11,8 +11,8 @@ import torch
 from tests.training.conftest import write_image_set
 from training.losses import soft_bce
 from training.recipe import TrainConfig, train
-from worker.model import create_model, data_config, to_input
-from worker.scoring import Scorer
+from worker.scoring.model import create_model, data_config, to_input
+from worker.scoring.scorer import Scorer
 from worker.settings import Settings
 
 pytestmark = pytest.mark.gpu

@@ -10,13 +10,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from worker.decode import decode_image
 from worker.errors import ModerationError
-from worker.fetch import Fetcher
-from worker.logs import bound, configure_logging, get_logger
+from worker.media.decode import decode_image
+from worker.media.fetch import Fetcher
+from worker.ops.logs import bound, configure_logging, get_logger
+from worker.ops.tracking import capture_exception, flush, init_sentry, item_error_breadcrumb
 from worker.records import Decision, Verdict
 from worker.settings import Settings
-from worker.tracking import capture_exception, flush, init_sentry, item_error_breadcrumb
 
 
 def main() -> None:

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker.deadletter import PAGE, DeadLetterQueue
-from worker.producer import Producer
-from worker.queue import Queues
+from worker.delivery.deadletter import PAGE, DeadLetterQueue
+from worker.delivery.store import DecisionStore
+from worker.ingress.producer import Producer
+from worker.process.app import Queues
 from worker.records import Event
 from worker.settings import Settings
-from worker.sink import DecisionStore
 
 
 @pytest.fixture

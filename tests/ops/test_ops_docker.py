@@ -18,11 +18,11 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from worker.cli import app
+from worker.cli.main import app
 
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "docker-compose.yml"
-_OTHER_AREAS = {"review": "review page (issue 6)", "train-worker": "training (issue 5)"}
+_OTHER_AREAS = {"review": "review page", "train-worker": "training"}
 
 
 def compose() -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from worker.logs import _QUIET, bind_event, bound, configure_logging, get_logger, resolve_format, unbind
+from worker.ops.logs import _QUIET, bind_event, bound, configure_logging, get_logger, resolve_format, unbind
 from worker.settings import Settings
 
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from worker.metrics import Metrics
+from worker.ops.metrics import Metrics
 
 OPS = REPO / "ops"
 ALERTS = OPS / "prometheus" / "alerts.yml"

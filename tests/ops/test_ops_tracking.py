@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.conftest import REPO, subprocess_env
 from tests.ops.sentry_sink import parse_envelope, sentry_sink
-from worker.tracking import BREADCRUMB_CATEGORY
+from worker.ops.tracking import BREADCRUMB_CATEGORY
 
 
 def _drive(sink_dsn: str | None, scenario: str, n_bad: int, tmp: Path) -> subprocess.CompletedProcess[str]:

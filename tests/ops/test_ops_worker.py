@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 from tests.conftest import free_port
 from tests.ops.sentry_sink import sentry_sink
 from tests.worker_proc import running_worker, start_worker
-from worker.cli import app
-from worker.deadletter import DeadLetterQueue
-from worker.producer import Producer
+from worker.cli.main import app
+from worker.delivery.deadletter import DeadLetterQueue
+from worker.delivery.store import DecisionStore
+from worker.ingress.producer import Producer
 from worker.records import Decision, Event, Verdict
 from worker.settings import Settings
-from worker.sink import DecisionStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.producer import Producer
+from worker.ingress.producer import Producer
 from worker.settings import Settings
 
 

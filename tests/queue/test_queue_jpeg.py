@@ -14,10 +14,10 @@ import redis
 from tests.core import images
 from tests.worker_proc import running_worker
 from worker.errors import ErrorReason
-from worker.fetch import Fetcher
-from worker.producer import Producer
+from worker.ingress.producer import Producer
+from worker.media.fetch import Fetcher
 from worker.records import Event, Verdict
-from worker.scoring import Scorer, score_events
+from worker.scoring.scorer import Scorer, score_events
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.producer import Producer
-from worker.reaper import UNACKED, Reaper, message_event
+from worker.delivery.reaper import UNACKED, Reaper, message_event
+from worker.ingress.producer import Producer
 from worker.records import Decision, Event, Verdict
 from worker.settings import Settings
 

@@ -21,9 +21,9 @@ from tests.conftest import run_cli
 from tests.core import images
 from tests.queue.test_queue_worker import _wait_until, assert_exactly_once, stream_event_ids, wait_for
 from tests.worker_proc import running_worker, start_worker
-from worker.producer import Producer
+from worker.ingress.producer import Producer
+from worker.process.supervisor import ChildSpec, describe, exit_status, plan_children, spread_devices
 from worker.records import Event
-from worker.supervisor import ChildSpec, describe, exit_status, plan_children, spread_devices
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ import redis
 
 from tests.core import images
 from tests.worker_proc import running_worker, start_worker
+from worker.delivery.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from worker.errors import ErrorReason
-from worker.producer import Producer
+from worker.ingress.producer import Producer
 from worker.records import Decision, Event, Priority, Verdict
-from worker.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

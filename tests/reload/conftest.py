@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.checkpoint import MANIFEST, init_checkpoint, load_checkpoint, save_checkpoint
-from worker.registry import Registry, open_registry
+from worker.lifecycle.registry import Registry, open_registry
+from worker.scoring.checkpoint import MANIFEST, init_checkpoint, load_checkpoint, save_checkpoint
 from worker.settings import Settings
 
 

@@ -17,11 +17,11 @@ import redis
 from typer.testing import CliRunner, Result
 
 from tests.conftest import run_cli, subprocess_env
-from worker.checkpoint import read_manifest
-from worker.cli import app
+from worker.cli.main import app
+from worker.lifecycle.reload import ModelKeys
+from worker.lifecycle.shadow import Comparison, record
 from worker.records import Decision, Verdict
-from worker.reload import ModelKeys
-from worker.shadow import Comparison, record
+from worker.scoring.checkpoint import read_manifest
 
 
 def cli(*args: str, **env: str) -> Result:

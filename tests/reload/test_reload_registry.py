@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.checkpoint import MANIFEST, read_manifest
 from worker.errors import CheckpointError
-from worker.registry import Registry
+from worker.lifecycle.registry import Registry
+from worker.scoring.checkpoint import MANIFEST, read_manifest
 
 
 def test_publish_lists_versions_and_promote_flips_current(

@@ -16,16 +16,16 @@ import pytest
 import redis
 
 from tests.core.images import jpeg
-from worker.checkpoint import read_manifest
 from worker.errors import CheckpointError
-from worker.fetch import Fetcher
-from worker.metrics import Metrics
+from worker.lifecycle.registry import Registry
+from worker.lifecycle.reload import ModelKeys, ModelWatcher, notify
+from worker.lifecycle.shadow import report
+from worker.media.fetch import Fetcher
+from worker.ops.metrics import Metrics
 from worker.records import Event
-from worker.registry import Registry
-from worker.reload import ModelKeys, ModelWatcher, notify
-from worker.scoring import Scorer, prepare_or_error, score_events
+from worker.scoring.checkpoint import read_manifest
+from worker.scoring.scorer import Scorer, prepare_or_error, score_events
 from worker.settings import Settings
-from worker.shadow import report
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Hot reload through a real ``moderation worker`` process under continuous load (issue 4's acceptance).
+"""Hot reload through a real ``moderation worker`` process under continuous load.
 
 Events flow the whole time a version is promoted, refused or rolled back. Every test checks: each event has
 exactly one decision, none is an error, the worker process never restarted, and, ordered by the worker's
@@ -20,11 +20,11 @@ from typer.testing import CliRunner
 
 from tests.core import images
 from tests.worker_proc import WorkerProc, running_worker
-from worker.cli import app
-from worker.producer import Producer
+from worker.cli.main import app
+from worker.ingress.producer import Producer
+from worker.lifecycle.registry import Registry
+from worker.lifecycle.reload import ModelKeys
 from worker.records import Decision, Event, Verdict
-from worker.registry import Registry
-from worker.reload import ModelKeys
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]

@@ -21,15 +21,15 @@ from PIL import Image
 
 from tests.conftest import free_port
 from tests.worker_proc import running_worker
-from worker.checkpoint import init_checkpoint
-from worker.producer import Producer
+from worker.delivery.store import DecisionStore
+from worker.ingress.producer import Producer
+from worker.lifecycle.registry import open_registry
 from worker.records import Decision, Thresholds, Verdict
-from worker.registry import open_registry
 from worker.review.app import create_app
 from worker.review.auth import User, hash_password, token_digest, write_user
 from worker.samples import sample_dir, sample_labels
+from worker.scoring.checkpoint import init_checkpoint
 from worker.settings import Settings
-from worker.sink import DecisionStore
 
 CROP = 96
 PASSWORDS = {"mia": "mia-password-1", "ada": "ada-password-1"}

@@ -158,6 +158,6 @@ def admin_screenshot(browser: Any, server: Server, path: Path) -> None:
 
 
 def _cli() -> Any:
-    from worker.cli import app
+    from worker.cli.main import app
 
     return app

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tests.review.conftest import CROP, Decided
-from worker.crops import ensure_min_size
-from worker.fetch import Fetcher
-from worker.model import create_model
+from worker.media.crops import ensure_min_size
+from worker.media.fetch import Fetcher
 from worker.records import Decision, Verdict
 from worker.review.heatmap import Heatmaps, HeatmapUnavailable, grad_cam
 from worker.review.media import Images, display_size
+from worker.scoring.model import create_model
 
 
 def test_hooked_grad_cam_equals_grad_cam_by_hand() -> None:
@@ -60,7 +60,7 @@ def test_heatmap_falls_back_to_the_configured_checkpoint_and_says_so(decided: De
     gone = d.model_copy(update={"model_version": "convnext-retired", "event_id": "gone"})
     with pytest.raises(HeatmapUnavailable, match="not in the registry"):
         Heatmaps(decided.settings, Images(Fetcher(decided.settings))).for_decision(gone)
-    from worker.registry import open_registry
+    from worker.lifecycle.registry import open_registry
 
     current = open_registry(decided.settings).current_uri()
     settings = decided.settings.model_copy(update={"checkpoint": current})

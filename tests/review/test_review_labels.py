@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import free_port, subprocess_env
 from tests.review.conftest import Decided
-from worker.cli import app
+from worker.cli.main import app
 from worker.records import Decision, Verdict
 from worker.review.auth import Directory, Role, read_store
 from worker.review.media import image_source

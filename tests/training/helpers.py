@@ -13,7 +13,7 @@ def invoke(*args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[in
 
     from typer.testing import CliRunner
 
-    from worker.cli import app
+    from worker.cli.main import app
 
     old = Path.cwd()
     os.chdir(cwd)

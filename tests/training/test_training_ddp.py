@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import free_port, subprocess_env
-from worker.checkpoint import load_checkpoint
+from worker.scoring.checkpoint import load_checkpoint
 
 
 @pytest.mark.slow

@@ -12,9 +12,9 @@ import torch
 
 from tests.training.helpers import invoke
 from training.evaluate import bootstrap, calibration, threshold_for_fpr, threshold_for_precision
-from worker.checkpoint import save_checkpoint
-from worker.model import create_model, data_config
-from worker.registry import LocalStore, Registry
+from worker.lifecycle.registry import LocalStore, Registry
+from worker.scoring.checkpoint import save_checkpoint
+from worker.scoring.model import create_model, data_config
 
 
 def constant_checkpoint(path: Path, logit: float) -> Path:

@@ -10,7 +10,7 @@ import pytest
 from tests.training.helpers import invoke
 from tests.training.test_training_evaluate import constant_checkpoint
 from tests.worker_proc import running_worker
-from worker.registry import LocalStore, Registry
+from worker.lifecycle.registry import LocalStore, Registry
 
 
 @pytest.mark.integration

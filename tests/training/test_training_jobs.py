@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import subprocess_env
 from tests.training.helpers import run_cli
 from training.jobs import JobStore
-from worker.registry import LocalStore, Registry
+from worker.lifecycle.registry import LocalStore, Registry
 
 
 @pytest.mark.integration

@@ -21,8 +21,8 @@ from training.labels import (
     regression_set,
     summarize,
 )
+from worker.delivery.store import DecisionStore
 from worker.records import Decision, Verdict
-from worker.sink import DecisionStore
 
 ROWS = [
     ("a.jpg", 0.9, "sd", "train"),

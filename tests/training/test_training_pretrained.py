@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from training.pretrained import PretrainedError, remap_by_order, resolve_pretrained
-from worker.model import create_model
+from worker.scoring.model import create_model
 
 
 def test_wheel_weights_load_into_timm_and_match_torchvision(tmp_path: Path) -> None:

@@ -13,11 +13,11 @@ from tests.training.helpers import run_cli
 from training.data import assign_splits, rehearsal_sample
 from training.labels import LabelsError, load_labels
 from training.recipe import TrainConfig, train
-from worker.checkpoint import load_checkpoint, read_manifest
-from worker.fetch import Fetcher
+from worker.lifecycle.registry import LocalStore, Registry
+from worker.media.fetch import Fetcher
 from worker.records import Event, Verdict
-from worker.registry import LocalStore, Registry
-from worker.scoring import Scorer, score_events
+from worker.scoring.checkpoint import load_checkpoint, read_manifest
+from worker.scoring.scorer import Scorer, score_events
 from worker.settings import Settings
 
 

@@ -2,7 +2,8 @@
 
 Server-rendered Jinja2 pages (fast on any laptop, work without JavaScript; a small script adds keyboard
 shortcuts), a signed session cookie for browsers, bearer tokens for tools. Every write goes through
-:meth:`worker.sink.DecisionStore.override`, so the page, the API and any future tool share one audit trail.
+:meth:`worker.delivery.store.DecisionStore.override`, so the page, the API and any future tool share one audit
+trail.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
+from worker.delivery.store import DecisionStore
 from worker.review import api, pages
 from worker.review.auth import session_secret
 from worker.review.context import HERE, Review
 from worker.review.guards import LoginRequired
 from worker.review.views import render
 from worker.settings import Settings
-from worker.sink import DecisionStore
 
 SESSION_COOKIE = "moderation_review"
 # Pages only load our own files; nothing inline, nothing from elsewhere, never framed.

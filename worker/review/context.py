@@ -9,13 +9,13 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.templating import Jinja2Templates
 
-from worker.fetch import Fetcher
+from worker.delivery.store import DecisionStore
+from worker.media.fetch import Fetcher
 from worker.records import Decision
 from worker.review.auth import Directory, LoginThrottle
 from worker.review.heatmap import Heatmaps
 from worker.review.media import LRU, Images
 from worker.settings import Settings
-from worker.sink import DecisionStore
 
 HERE = Path(__file__).parent
 

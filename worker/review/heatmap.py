@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from worker.checkpoint import Checkpoint, load_checkpoint
-from worker.crops import crop_array, ensure_min_size
 from worker.errors import CheckpointError
-from worker.model import to_input
+from worker.media.crops import crop_array, ensure_min_size
 from worker.records import Decision
 from worker.review.media import LRU, Images
+from worker.scoring.checkpoint import Checkpoint, load_checkpoint
+from worker.scoring.model import to_input
 from worker.settings import Settings
 
 
@@ -106,7 +106,7 @@ class Heatmaps:
 
     def checkpoint_uri(self, decision: Decision) -> tuple[str, bool]:
         """(uri, exact): the registry's copy of the deciding version, else the configured checkpoint."""
-        from worker.registry import open_registry
+        from worker.lifecycle.registry import open_registry
 
         version = decision.model_version
         if version and version in self._known:

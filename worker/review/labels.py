@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from worker.delivery.store import DecisionStore
 from worker.review.media import image_source
-from worker.sink import DecisionStore
 
 LABEL_OF = {"block": 1.0, "review": 1.0, "allow": 0.0}
 COLUMNS = [

@@ -1,11 +1,11 @@
 """Images for moderators' eyes: fetched and decoded exactly as the worker did, re-encoded for a browser.
 
 The page never hands the browser the original bytes (a hostile file could target the browser's decoder, and
-``s3://`` is not a URL a browser can open): it fetches through :class:`~worker.fetch.Fetcher` with the same
-caps and allow-lists as the worker, decodes with :func:`~worker.decode.decode_image` (EXIF orientation
-applied, so crop boxes line up), and serves PNG (lossless, for inspecting artefacts) or, for very large
-images, high-quality JPEG. Small images are upscaled the same way the worker's crop code upscaled them, so
-the stored crop boxes are in the served image's pixel coordinates.
+``s3://`` is not a URL a browser can open): it fetches through :class:`~worker.media.fetch.Fetcher` with the
+same caps and allow-lists as the worker, decodes with :func:`~worker.media.decode.decode_image` (EXIF
+orientation applied, so crop boxes line up), and serves PNG (lossless, for inspecting artefacts) or, for very
+large images, high-quality JPEG. Small images are upscaled the same way the worker's crop code upscaled them,
+so the stored crop boxes are in the served image's pixel coordinates.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from urllib.parse import unquote
 
 from PIL import Image
 
-from worker.crops import ensure_min_size
-from worker.decode import decode_image
-from worker.fetch import Fetcher
+from worker.media.crops import ensure_min_size
+from worker.media.decode import decode_image
+from worker.media.fetch import Fetcher
 from worker.records import Box, Decision
 
 LOSSLESS_MAX_PIXELS = 4_000_000  # above this a PNG gets too heavy for a page load; JPEG q95 instead
@@ -74,7 +74,7 @@ def crop_size_of(decision: Decision) -> int | None:
 
 
 def display_size(image_size: tuple[int, int], crop_size: int | None) -> tuple[int, int]:
-    """Size of the image the crop boxes refer to; mirrors :func:`worker.crops.ensure_min_size`."""
+    """Size of the image the crop boxes refer to; mirrors :func:`worker.media.crops.ensure_min_size`."""
     w, h = image_size
     if crop_size is None or (w >= crop_size and h >= crop_size):
         return w, h

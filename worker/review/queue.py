@@ -16,9 +16,9 @@ from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.delivery.store import DecisionStore
 from worker.records import Decision
 from worker.review.media import uri_source
-from worker.sink import DecisionStore
 
 
 class Sort(StrEnum):

@@ -1,7 +1,7 @@
-"""Training commands (issue 5): ``labels report``, ``train``, ``probe``, ``evaluate``, ``gate``, ``retrain``.
+"""Training commands: ``labels report``, ``train``, ``probe``, ``evaluate``, ``gate``, ``retrain``.
 
-Everything heavy is imported inside the commands, so ``moderation --help`` and the serving commands never
-import the training package (``worker`` must not depend on ``training`` at import time).
+Everything heavy is imported inside the commands, so ``moderation --help`` stays fast. The root CLI finds
+this module through the ``moderation.cli`` entry point; ``worker`` never imports ``training``.
 """
 
 from __future__ import annotations
@@ -11,28 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    # Imported late: worker.cli imports this module while it is itself being imported (python -m worker.cli).
-    from worker.cli import fail as cli_fail
-
-    return cli_fail(message, code)
-
-
-def build_settings(**overrides: Any) -> Any:
-    from worker.cli import build_settings as cli_build_settings
-
-    return cli_build_settings(**overrides)
-
-
-labels_app = typer.Typer(
-    help="Labels tables: report on one, export moderator overrides as one.", no_args_is_help=True
-)
+from worker.cli.common import build_settings, console, fail
 
 LabelsOpt = Annotated[Path, typer.Option("--labels", "-l", help="Labels table: parquet, CSV or JSONL.")]
 OverridesFileOpt = Annotated[
@@ -59,7 +40,7 @@ def load_merged(labels: Path, overrides_file: Path | None, from_redis: bool) -> 
 
 def redis_overrides() -> list[Any]:
     from training.labels import overrides_from_store
-    from worker.sink import DecisionStore
+    from worker.delivery.store import DecisionStore
 
     settings = build_settings()
     if not settings.redis_url:
@@ -67,7 +48,6 @@ def redis_overrides() -> list[Any]:
     return overrides_from_store(DecisionStore.from_url(settings.redis_url, settings.namespace))
 
 
-@labels_app.command("report")
 def labels_report(
     labels: LabelsOpt,
     overrides_file: OverridesFileOpt = None,
@@ -266,9 +246,9 @@ def probe_command(
     from training.evaluate import evaluate_scores, summary_lines
     from training.pretrained import PretrainedError, resolve_pretrained
     from training.probe import fit_probe
-    from worker.checkpoint import load_checkpoint
     from worker.errors import CheckpointError
-    from worker.model import create_model, data_config
+    from worker.scoring.checkpoint import load_checkpoint
+    from worker.scoring.model import create_model, data_config
 
     settings = build_settings(device=device)
     table = _table_with_splits(labels, val_frac, test_frac, seed)
@@ -345,8 +325,8 @@ def evaluate_command(
         name = scores.stem
     else:
         assert checkpoint is not None
-        from worker.checkpoint import read_manifest
-        from worker.cli import resolve_checkpoint
+        from worker.cli.common import resolve_checkpoint
+        from worker.scoring.checkpoint import read_manifest
 
         checkpoint = resolve_checkpoint(settings, checkpoint)
         src = ImageSource(settings)
@@ -446,7 +426,7 @@ def run_gate(
     from training.gate import gate, gate_and_publish
     from training.labels import overrides_from_file, regression_set
     from worker.errors import CheckpointError
-    from worker.registry import open_registry
+    from worker.lifecycle.registry import open_registry
 
     settings = build_settings(registry=registry)
     table = _table_with_splits(labels, val_frac, test_frac, seed)
@@ -578,8 +558,8 @@ def train_worker(
     import socket
 
     from training.jobs import make_training_app
-    from worker.logs import configure_logging
-    from worker.queue import Queues
+    from worker.ops.logs import configure_logging
+    from worker.process.app import Queues
 
     settings = build_settings()
     if not settings.redis_url:
@@ -601,9 +581,9 @@ def train_worker(
     raise typer.Exit(w.exitcode or 0)
 
 
-def register(app: typer.Typer) -> None:
-    """Attach the training commands to the main CLI (one call from worker/cli.py)."""
-    app.add_typer(labels_app, name="labels")
+def register(app: typer.Typer, labels_app: typer.Typer) -> None:
+    """Attach the training commands to the root CLI (the ``moderation.cli`` entry point)."""
+    labels_app.command("report")(labels_report)
     app.command("train")(train_command)
     app.command("probe")(probe_command)
     app.command("evaluate")(evaluate_command)

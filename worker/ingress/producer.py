@@ -13,11 +13,11 @@ from typing import Any
 
 import redis
 
+from worker.delivery.store import DecisionStore
 from worker.errors import SchemaError
-from worker.queue import DECIDE_TASK, Queues, make_app
+from worker.process.app import DECIDE_TASK, Queues, make_app
 from worker.records import Decision, Event, Priority
 from worker.settings import Settings
-from worker.sink import DecisionStore
 
 
 class Producer:

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from worker.cli import CheckpointOpt, DeviceOpt, build_settings, console, err, fail, print_decisions
+from worker.cli.common import CheckpointOpt, DeviceOpt, build_settings, console, err, fail, print_decisions
 from worker.settings import Settings
 
 
@@ -60,10 +60,10 @@ def worker(
     from celery.signals import worker_ready
 
     from worker.errors import CheckpointError
-    from worker.logs import configure_logging, install_celery_logging
-    from worker.queue import Queues, make_app
-    from worker.runtime import Runtime
-    from worker.tracking import init_sentry
+    from worker.ops.logs import configure_logging, install_celery_logging
+    from worker.ops.tracking import init_sentry
+    from worker.process.app import Queues, make_app
+    from worker.process.runtime import Runtime
 
     settings = build_settings(
         checkpoint=checkpoint,
@@ -126,8 +126,8 @@ def worker(
 
 def _supervise(settings: Settings, common: list[str], hostname: str | None, device: str | None) -> int:
     """``--processes N``: N child workers under one supervisor (worker/supervisor.py); its exit status."""
-    from worker.logs import configure_logging
-    from worker.supervisor import Supervisor, plan_children, spread_devices, visible_gpus
+    from worker.ops.logs import configure_logging
+    from worker.process.supervisor import Supervisor, plan_children, spread_devices, visible_gpus
 
     configure_logging(settings, component="supervisor")
     n = settings.worker_processes
@@ -182,7 +182,7 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
 ) -> None:
     """Enqueue one event per URI; prints the event ids (and, with --wait, the decisions)."""
-    from worker.producer import Producer
+    from worker.ingress.producer import Producer
     from worker.records import Event, Priority
 
     settings = build_settings()
@@ -222,7 +222,7 @@ def decisions(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
 ) -> None:
     """Look up the latest decision of each item."""
-    from worker.sink import DecisionStore
+    from worker.delivery.store import DecisionStore
 
     settings = build_settings()
     store = DecisionStore.from_url(_need_redis(settings), settings.namespace)
@@ -247,7 +247,7 @@ def demo(
     """The main job end to end: (private) Redis, a worker, the bundled samples in, decisions out."""
     from contextlib import ExitStack
 
-    from worker.localredis import private_redis
+    from worker.process.localredis import private_redis
 
     settings = build_settings(checkpoint=checkpoint)
     with ExitStack() as stack:
@@ -265,14 +265,14 @@ def demo(
 
 
 def _demo_checkpoint(settings: Settings) -> str:
-    from worker.registry import open_registry
+    from worker.lifecycle.registry import open_registry
 
     uri = settings.checkpoint or open_registry(settings).current_uri()
     if uri:
         return uri
     path = settings.home / "demo-checkpoint"
     if not (path / "manifest.json").exists():
-        from worker.checkpoint import init_checkpoint
+        from worker.scoring.checkpoint import init_checkpoint
 
         console.print(
             "[yellow]no trained checkpoint configured: creating a randomly initialised convnext_tiny at "
@@ -283,7 +283,7 @@ def _demo_checkpoint(settings: Settings) -> str:
 
 
 def _run_demo(settings: Settings, checkpoint: str, tmp: Path, timeout: float) -> None:
-    from worker.producer import Producer
+    from worker.ingress.producer import Producer
     from worker.records import Event
     from worker.samples import sample_paths
 
@@ -324,7 +324,7 @@ def _run_demo(settings: Settings, checkpoint: str, tmp: Path, timeout: float) ->
 
 
 def _wait_ready(producer: Any, proc: subprocess.Popen[bytes], log_path: Path, limit: float = 180.0) -> None:
-    from worker.runtime import live_workers
+    from worker.process.runtime import live_workers
 
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from worker.registry import Registry
+    from worker.lifecycle.registry import Registry
     from worker.settings import Settings
 
 registry_app = typer.Typer(no_args_is_help=True)
@@ -49,14 +49,14 @@ ByOpt = Annotated[
 
 
 def _settings(registry: str | None, redis_url: str | None = None) -> Settings:
-    from worker.cli import build_settings
+    from worker.cli.common import build_settings
 
     return build_settings(registry=registry, redis_url=redis_url)
 
 
 def _open(settings: Settings) -> Registry:
-    from worker.cli import fail
-    from worker.registry import open_registry
+    from worker.cli.common import fail
+    from worker.lifecycle.registry import open_registry
 
     try:
         return open_registry(settings)
@@ -75,7 +75,7 @@ def _who(by: str | None) -> str:
 
 
 def _redis(settings: Settings, required: bool = False) -> Any:
-    from worker.cli import fail
+    from worker.cli.common import fail
 
     if not settings.redis_url:
         if required:
@@ -88,8 +88,8 @@ def _redis(settings: Settings, required: bool = False) -> Any:
 
 def _notify(settings: Settings, action: str, version: str | None, by: str) -> None:
     """Wake the workers; a failure is only a warning because they poll the pointer anyway."""
-    from worker.cli import err
-    from worker.reload import notify
+    from worker.cli.common import err
+    from worker.lifecycle.reload import notify
 
     client = _redis(settings)
     if client is None:
@@ -105,7 +105,7 @@ def _guard(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Registry errors as clear one-line failures, not tracebacks."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from worker.cli import fail
+    from worker.cli.common import fail
     from worker.errors import CheckpointError
 
     try:
@@ -172,7 +172,7 @@ def models(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List published versions with metrics, the current one, and who promoted what when."""
-    from worker.reload import ModelKeys
+    from worker.lifecycle.reload import ModelKeys
 
     settings = _settings(registry, redis_url)
     reg = _open(settings)
@@ -244,7 +244,7 @@ def shadow_start(
     by: ByOpt = None,
 ) -> None:
     """Workers load VERSION next to current and score every batch with it too, without deciding."""
-    from worker.reload import ModelKeys
+    from worker.lifecycle.reload import ModelKeys
 
     settings = _settings(registry, redis_url)
     _guard(_open(settings).manifest, version)  # refuse typos before any worker tries to load it
@@ -263,7 +263,7 @@ def shadow_stop(
     by: ByOpt = None,
 ) -> None:
     """Stop shadow scoring (the statistics stay for the report)."""
-    from worker.reload import ModelKeys
+    from worker.lifecycle.reload import ModelKeys
 
     settings = _settings(None, redis_url)
     client = _redis(settings, required=True)
@@ -283,9 +283,9 @@ def shadow_report(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Agreement, score drift and latency cost of the shadow version against current."""
-    from worker.cli import fail
-    from worker.reload import ModelKeys
-    from worker.shadow import report
+    from worker.cli.common import fail
+    from worker.lifecycle.reload import ModelKeys
+    from worker.lifecycle.shadow import report
 
     settings = _settings(None, redis_url)
     client = _redis(settings, required=True)
@@ -323,3 +323,8 @@ def shadow_report(
 
 def _opt(v: float | None) -> str:
     return "" if v is None else f"{v:.4f}"
+
+
+def register(app: typer.Typer) -> None:
+    """publish, promote, rollback, models and shadow sit at the root: they are what operators type most."""
+    app.add_typer(registry_app)

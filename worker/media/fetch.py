@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from worker.errors import ErrorReason, FetchError
-from worker.s3 import S3Uri, make_client
+from worker.media.s3 import S3Uri, make_client
 
 if TYPE_CHECKING:
     from worker.settings import Settings

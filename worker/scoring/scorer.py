@@ -2,8 +2,8 @@
 
 Split in two halves so a worker can overlap them: :func:`prepare` (fetch, decode, crop; CPU, thread-safe) and
 :class:`Scorer` (one model call over crops from many images). On CUDA, JPEGs are only planned on the CPU and
-decoded with their batch on the GPU (:mod:`worker.jpeg`, :meth:`Scorer.materialize`). :func:`score_events`
-glues the halves for the CLI, tests and small deployments.
+decoded with their batch on the GPU (:mod:`worker.media.jpeg`, :meth:`Scorer.materialize`).
+:func:`score_events` glues the halves for the CLI, tests and small deployments.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ import numpy as np
 import structlog
 import torch
 
-from worker import jpeg
-from worker.checkpoint import Checkpoint, check_golden, load_checkpoint
-from worker.crops import CropSpec, aggregate, inference_crops
-from worker.decode import decode_image
 from worker.errors import ErrorReason, ModerationError
-from worker.fetch import Fetcher
-from worker.jpeg import JpegDecoder, Pending
-from worker.model import to_input
-from worker.policy import verdict_for
+from worker.media import jpeg
+from worker.media.crops import CropSpec, aggregate, inference_crops
+from worker.media.decode import decode_image
+from worker.media.fetch import Fetcher
+from worker.media.jpeg import JpegDecoder, Pending
 from worker.records import Box, CropScore, Decision, Event, Verdict
+from worker.scoring.checkpoint import Checkpoint, check_golden, load_checkpoint
+from worker.scoring.model import to_input
+from worker.scoring.policy import verdict_for
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)

@@ -21,14 +21,14 @@ from typing import Protocol
 
 import structlog
 
+from worker.delivery.store import DecisionStore
 from worker.errors import ErrorReason, ModerationError
-from worker.fetch import Fetcher
-from worker.jpeg import Pending
-from worker.metrics import Metrics
+from worker.media.fetch import Fetcher
+from worker.media.jpeg import Pending
+from worker.ops.metrics import Metrics
 from worker.records import Decision, Event
-from worker.scoring import Prepared, Scorer, error_decision, prepare_or_error
+from worker.scoring.scorer import Prepared, Scorer, error_decision, prepare_or_error
 from worker.settings import Settings
-from worker.sink import DecisionStore
 
 log = structlog.get_logger(__name__)
 

@@ -1,17 +1,18 @@
 """Batched JPEG decode on the model's device (nvJPEG on CUDA), for the images where it gives Pillow's pixels.
 
 At 1 megapixel Pillow decodes about 130 images/s per core and one process reaches about 550/s (the GIL), far
-below what one GPU scores; nvJPEG decodes thousands per second (DESIGN.md). So on CUDA a worker reads only
-the JPEG *header* on its decode threads (:func:`plan`: format, mode, size, pixel cap, EXIF orientation, crop
+below what one GPU scores; nvJPEG decodes thousands per second (DESIGN.md). So on CUDA a worker reads only the
+JPEG *header* on its decode threads (:func:`plan`: format, mode, size, pixel cap, EXIF orientation, crop
 boxes), and the model thread decodes the whole batch in one ``torchvision.io.decode_jpeg`` call, cuts the
-native crops on the GPU (:func:`worker.crops.crop_tensor`) and feeds them to the model without a host copy.
+native crops on the GPU (:func:`worker.media.crops.crop_tensor`) and feeds them to the model without a host
+copy.
 
 Everything else takes the Pillow path unchanged: other formats, CMYK and other modes, images smaller than the
-window (they need the one upscale :mod:`worker.crops` does), files that do not end in an EOI marker (Pillow
-reports them as truncated), and any JPEG the device decoder refuses, which is re-decoded by Pillow from the
-same bytes so its decision (or typed error) is exactly what the Pillow path gives. On the CPU, torchvision and
-Pillow both use libjpeg-turbo and give identical pixels (tested); nvJPEG may differ by a level or two
-(``scripts/device_check`` measures the score difference on the GPU).
+window (they need the one upscale :mod:`worker.media.crops` does), files that do not end in an EOI marker
+(Pillow reports them as truncated), and any JPEG the device decoder refuses, which is re-decoded by Pillow
+from the same bytes so its decision (or typed error) is exactly what the Pillow path gives. On the CPU,
+torchvision and Pillow both use libjpeg-turbo and give identical pixels (tested); nvJPEG may differ by a level
+or two (the ``gpu`` tests measure the difference on a CUDA host).
 
 torchvision marks its image codecs deprecated from 0.29 in favour of TorchCodec; the whole dependency is this
 module, so moving to TorchCodec's decoder later touches nothing else.
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from worker.crops import CropSpec, crop_tensor, inference_boxes
+from worker.media.crops import CropSpec, crop_tensor, inference_boxes
 from worker.records import Box
 
 _ORIENTATION_TAG = 0x0112

@@ -5,12 +5,12 @@ worker killed between the two loses that message for good (measured: one event i
 ``kill -9`` out of three on a busy 2-core machine). Late acks and the visibility timeout cannot help: the
 message is in neither place.
 
-So the :class:`~worker.producer.Producer` writes every event to an outbox first (``{ns}:pending`` sorted set
-by time, ``{ns}:payload`` hash), the decision write removes it (same Lua script), and one worker at a time
-sweeps: an event still pending, older than the oldest message waiting in the queues (queues are FIFO, so it
-is not among them) by more than a grace period, and not held by any worker (not in the unacked hash), was
-lost, and is sent again. A false positive (an event between ``BRPOP`` and the unacked write of a live worker
-at sweep time) only costs a duplicate delivery, which the ``SET NX`` decision write absorbs.
+So the :class:`~worker.ingress.producer.Producer` writes every event to an outbox first (``{ns}:pending``
+sorted set by time, ``{ns}:payload`` hash), the decision write removes it (same Lua script), and one worker at
+a time sweeps: an event still pending, older than the oldest message waiting in the queues (queues are FIFO,
+so it is not among them) by more than a grace period, and not held by any worker (not in the unacked hash),
+was lost, and is sent again. A false positive (an event between ``BRPOP`` and the unacked write of a live
+worker at sweep time) only costs a duplicate delivery, which the ``SET NX`` decision write absorbs.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any
 
 import structlog
 
-from worker.queue import Queues
+from worker.delivery.store import DecisionStore
+from worker.process.app import Queues
 from worker.records import Event
 from worker.settings import Settings
-from worker.sink import DecisionStore
 
 log = structlog.get_logger(__name__)
 

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, Field
 
-from worker.checkpoint import MANIFEST, Manifest, read_manifest, sha256_file
 from worker.errors import CheckpointError
+from worker.media.s3 import S3Uri, make_client
 from worker.records import utcnow
-from worker.s3 import S3Uri, make_client
+from worker.scoring.checkpoint import MANIFEST, Manifest, read_manifest, sha256_file
 
 if TYPE_CHECKING:
     from worker.settings import Settings

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from worker.cli import build_settings, console, err, fail
+from worker.cli.common import build_settings, console, err, fail
 
 review_app = typer.Typer(
     help="The moderator review page. Without a subcommand: serve it with uvicorn.",
@@ -39,10 +39,10 @@ def review(
         return
     import uvicorn
 
-    from worker.logs import configure_logging
+    from worker.delivery.store import DecisionStore
+    from worker.ops.logs import configure_logging
     from worker.review.app import create_app
     from worker.review.auth import UserStoreError, load_users, users_file
-    from worker.sink import DecisionStore
 
     settings = build_settings(redis_url=redis_url, namespace=namespace)
     configure_logging(settings)
@@ -144,8 +144,8 @@ def labels_export(
     namespace: NamespaceOpt = None,
 ) -> None:
     """Write moderator overrides as a labels table for training (block -> 1.0, allow -> 0.0)."""
+    from worker.delivery.store import DecisionStore
     from worker.review.labels import LabelsError, override_labels, write_labels
-    from worker.sink import DecisionStore
 
     settings = build_settings(redis_url=redis_url, namespace=namespace)
     if not settings.redis_url:
@@ -158,3 +158,8 @@ def labels_export(
         raise fail(str(exc)) from exc
     positives = int((df["ai_score"] >= 0.5).sum()) if len(df) else 0
     console.print(f"wrote {len(df)} labels ({positives} AI, {len(df) - positives} real) to [bold]{out}[/]")
+
+
+def register(app: typer.Typer, labels_app: typer.Typer) -> None:
+    app.add_typer(review_app, name="review")
+    labels_app.command("export")(labels_export)

@@ -32,19 +32,19 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from worker import shadow
 from worker.errors import CheckpointError
-from worker.metrics import Metrics
+from worker.lifecycle import shadow
+from worker.ops.metrics import Metrics
 from worker.records import utcnow
 
 if TYPE_CHECKING:
     from worker.errors import ModerationError
+    from worker.lifecycle.registry import Registry
     from worker.records import Decision, Event
-    from worker.registry import Registry
-    from worker.scoring import Prepared, Scorer
+    from worker.scoring.scorer import Prepared, Scorer
     from worker.settings import Settings
 
-log = structlog.get_logger("worker.reload")
+log = structlog.get_logger("worker.lifecycle.reload")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class ModelKeys:
     def shadow(self) -> str:  # string: the version to shadow, absent when shadow mode is off
         return f"{self.ns}:shadow"
 
-    def shadow_stats(self, version: str) -> str:  # hash, see worker.shadow
+    def shadow_stats(self, version: str) -> str:  # hash, see worker.lifecycle.shadow
         return f"{self.ns}:shadow:{version}"
 
     @property
@@ -187,7 +187,7 @@ class ModelWatcher:
     @property
     def registry(self) -> Registry:
         if self._registry is None:
-            from worker.registry import open_registry
+            from worker.lifecycle.registry import open_registry
 
             self._registry = open_registry(self.settings)
         return self._registry
@@ -321,9 +321,9 @@ class ModelWatcher:
         import numpy as np
         import torch
 
-        from worker.checkpoint import check_golden, fetch_checkpoint, load_checkpoint, read_manifest
-        from worker.model import to_input
-        from worker.scoring import Scorer
+        from worker.scoring.checkpoint import check_golden, fetch_checkpoint, load_checkpoint, read_manifest
+        from worker.scoring.model import to_input
+        from worker.scoring.scorer import Scorer
 
         s = self.settings
         device = s.resolved_device()
@@ -481,7 +481,7 @@ class ModelWatcher:
         live = self.version
         if live is not None and live == candidate.version:
             return  # promoted meanwhile: comparing a model with itself says nothing
-        from worker.scoring import Prepared
+        from worker.scoring.scorer import Prepared
 
         cut = next((p.crops.shape[1] for _, p in items if isinstance(p, Prepared)), None)
         if cut is not None and cut != candidate.spec.size:  # crops of this batch were cut for another window

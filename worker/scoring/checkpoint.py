@@ -25,10 +25,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from worker.errors import CheckpointError
-from worker.golden import GOLDEN_NAMES, golden_crops
-from worker.model import create_model, to_input
+from worker.media.s3 import S3Uri, make_client
 from worker.records import Thresholds, utcnow
-from worker.s3 import S3Uri, make_client
+from worker.scoring.golden import GOLDEN_NAMES, golden_crops
+from worker.scoring.model import create_model, to_input
 
 if TYPE_CHECKING:
     from worker.settings import Settings
@@ -242,7 +242,7 @@ def init_checkpoint(
     pretrained_file: str | Path | None = None,
 ) -> Manifest:
     """A checkpoint with random (or pretrained-backbone) weights, so everything runs without downloads."""
-    from worker.model import data_config
+    from worker.scoring.model import data_config
 
     torch.manual_seed(seed)
     model = create_model(arch, pretrained_file=pretrained_file)

@@ -223,7 +223,7 @@ class DecisionStore:
     def overrides(self, count: int | None = None) -> list[dict[str, str]]:
         return [dict(f) for _, f in self.r.xrange(self.keys.overrides, count=count)]
 
-    # --- reads for the review page (issue 6) --------------------------------------------------------
+    # --- reads for the review page -----------------------------------------------------------------
     def review_scan(self, chunk: int = 500, limit: int = 100_000) -> Iterator[tuple[str, str]]:
         """(event_id, decision JSON) awaiting review, highest score first, read in chunks of MGET.
 

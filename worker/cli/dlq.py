@@ -9,9 +9,9 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from worker.cli import build_settings, console, err, fail
-from worker.deadletter import DeadLetter, DeadLetterQueue
-from worker.sink import DecisionStore
+from worker.cli.common import build_settings, console, err, fail
+from worker.delivery.deadletter import DeadLetter, DeadLetterQueue
+from worker.delivery.store import DecisionStore
 
 dlq_app = typer.Typer(
     help="Dead-lettered events: list them, replay them after a fix, purge the ones that cannot succeed.",
@@ -80,7 +80,7 @@ def replay(
     ] = False,
 ) -> None:
     """Re-enqueue dead-lettered events (after fixing the cause); each is decided once."""
-    from worker.producer import Producer
+    from worker.ingress.producer import Producer
 
     dlq = _queue()
     letters = _select(dlq, reason, ids, every)

@@ -36,7 +36,7 @@ from worker.errors import ErrorReason
 from worker.settings import Settings
 
 if TYPE_CHECKING:
-    from worker.runtime import Runtime
+    from worker.process.runtime import Runtime
 
 DECIDE_TASK = "moderation.decide"
 

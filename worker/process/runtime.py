@@ -18,16 +18,16 @@ from typing import Any
 import redis
 import structlog
 
-from worker.batcher import Batcher, ScorerSource
+from worker.delivery.reaper import Reaper
+from worker.delivery.store import DecisionStore
+from worker.delivery.webhook import Webhooks
 from worker.errors import ErrorReason, SchemaError
-from worker.fetch import Fetcher
-from worker.metrics import Metrics
-from worker.reaper import Reaper
+from worker.media.fetch import Fetcher
+from worker.ops.metrics import Metrics
+from worker.ops.tracking import item_error_breadcrumb
 from worker.records import Decision, Event, Verdict, utcnow
+from worker.scoring.batcher import Batcher, ScorerSource
 from worker.settings import Settings
-from worker.sink import DecisionStore
-from worker.tracking import item_error_breadcrumb
-from worker.webhook import Webhooks
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +35,7 @@ log = structlog.get_logger(__name__)
 def build_source(settings: Settings, metrics: Metrics, client: redis.Redis) -> ScorerSource:
     """The registry's current version, followed live (hot reload, shadow mode); a pinned checkpoint is served
     as is. Raises CheckpointError when there is nothing valid to serve."""
-    from worker.reload import ModelWatcher
+    from worker.lifecycle.reload import ModelWatcher
 
     return ModelWatcher(settings, metrics, client).start()
 
@@ -140,7 +140,7 @@ class Runtime:
 
     # --- liveness ------------------------------------------------------------------------------------
     def _beat(self) -> None:
-        from worker.queue import Queues
+        from worker.process.app import Queues
 
         q = Queues(self.settings.namespace)
         key = self.store.keys.worker(self.hostname)
@@ -176,7 +176,7 @@ class Runtime:
 
     def _reaper(self) -> Reaper:
         if self.reaper is None:
-            from worker.producer import Producer
+            from worker.ingress.producer import Producer
 
             producer = Producer(self.settings)
             self.reaper = Reaper(
@@ -194,7 +194,7 @@ class Runtime:
         self.webhooks.close()
         self._stop.set()
         self._heartbeat.join(5)
-        if hasattr(self.source, "close"):  # stop the model watcher's threads (worker.reload)
+        if hasattr(self.source, "close"):  # stop the model watcher's threads (worker.lifecycle.reload)
             self.source.close()
         with contextlib.suppress(redis.RedisError):
             self.redis.delete(self.store.keys.worker(self.hostname))

@@ -107,7 +107,7 @@ def crop_tensor(stored_hwc: torch.Tensor, box: Box, orientation: int = 1) -> tor
     """Exact pixels of display-space ``box`` from an H x W x C tensor in stored orientation (no resampling).
 
     The tensor counterpart of :func:`crop_array` for images decoded straight onto the model's device
-    (``worker.jpeg``): the same window, the same orientation as Pillow's ``exif_transpose``.
+    (``worker.media.jpeg``): the same window, the same orientation as Pillow's ``exif_transpose``.
     """
     h, w = int(stored_hwc.shape[0]), int(stored_hwc.shape[1])
     top, bottom, left, right = stored_region(box, orientation, w, h)

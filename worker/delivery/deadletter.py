@@ -1,10 +1,10 @@
 """The dead-letter stream, read and repaired: list entries, replay them after a fix, purge the hopeless.
 
-Workers append to ``{ns}:deadletter`` (see :mod:`worker.sink`) when a message is malformed or keeps failing.
-Replaying an entry resets the event's delivery counter (else the worker would dead-letter it again at once),
-re-sends the original message body through the :class:`~worker.producer.Producer`, and only then deletes the
-entry, so a crash in between replays it twice at worst, which the idempotent decision write absorbs: each
-event is still decided once.
+Workers append to ``{ns}:deadletter`` (see :mod:`worker.delivery.store`) when a message is malformed or keeps
+failing. Replaying an entry resets the event's delivery counter (else the worker would dead-letter it again at
+once), re-sends the original message body through the :class:`~worker.ingress.producer.Producer`, and only
+then deletes the entry, so a crash in between replays it twice at worst, which the idempotent decision write
+absorbs: each event is still decided once.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.delivery.store import DecisionStore
 from worker.errors import SchemaError
 from worker.records import Event, Priority
-from worker.sink import DecisionStore
 
 PAGE = 500
 

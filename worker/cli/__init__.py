@@ -1,0 +1,1 @@
+"""The ``moderation`` command: the root registers each command group."""

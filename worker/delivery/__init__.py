@@ -1,0 +1,1 @@
+"""Decisions out: the decision store, dead letters and callbacks."""

@@ -1,0 +1,1 @@
+"""Events in: the producer API and the stream contract."""

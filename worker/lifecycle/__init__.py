@@ -1,0 +1,1 @@
+"""Model lifecycle: the registry, hot reload and shadow scoring."""

@@ -1,0 +1,1 @@
+"""Untrusted bytes to native crops: fetching, safe decoding, the one crop implementation."""

@@ -1,0 +1,1 @@
+"""Wiring one worker process: the Celery app, the runtime and the supervisor."""

@@ -1,0 +1,1 @@
+"""Scoring a batch: models, checkpoints, the scorer, micro-batching and policy."""
