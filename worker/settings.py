@@ -173,6 +173,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Entries another archiver held unacked this long are taken over (XAUTOCLAIM).",
     )
+    archive_stream_retention_s: float | None = Field(
+        None,
+        ge=0,
+        description="The archiver trims decisions-stream entries older than this once every consumer group "
+        "has acked them (so only archived ones); readers without a group get this long. Unset: only the "
+        "stream's MAXLEN bounds it (docs/archive.md, memory sizing).",
+    )
 
     def resolved_device(self) -> str:
         import torch

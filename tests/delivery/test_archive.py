@@ -274,3 +274,26 @@ def test_configuration_mistakes_are_one_line_errors(
     )
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stream_retention_trims_only_what_every_group_acked(redis_url: str, tmp_path: Path) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    store = DecisionStore(client)
+    store.write_many(decisions(0, 100))
+    ids = [sid for sid, _ in client.xrange(store.keys.decisions)]
+    client.xgroup_create(store.keys.decisions, "pipeline", id="0")  # the upload pipeline, behind
+    client.xreadgroup("pipeline", "p1", {store.keys.decisions: ">"}, count=50)
+    client.xack(store.keys.decisions, "pipeline", *ids[:40])
+    env = {"REDIS_URL": redis_url, "MODERATION_ARCHIVE_URI": str(tmp_path / "archive")}
+
+    result = run_cli("archive", "once", MODERATION_ARCHIVE_STREAM_RETENTION_S="0", **env)
+    assert result.returncode == 0, result.stderr
+    assert "40 trimmed" in result.stdout
+    assert [sid for sid, _ in client.xrange(store.keys.decisions)] == ids[40:]  # 40..49 pending there
+
+    assert run_cli("archive", "once", MODERATION_ARCHIVE_STREAM_RETENTION_S="3600", **env).returncode == 0
+    client.xack(store.keys.decisions, "pipeline", *ids[40:50])
+    assert client.xlen(store.keys.decisions) == 60  # within the retention: kept
+    assert run_cli("archive", "once", **env).returncode == 0
+    assert client.xlen(store.keys.decisions) == 60  # unset: never trimmed by the archiver
+    assert_exactly_once(read_archive(tmp_path / "archive"), {f"ev-{i}" for i in range(100)})

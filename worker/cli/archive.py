@@ -90,7 +90,9 @@ def once(uri: UriOpt = None, batch: BatchOpt = None) -> None:
         raise fail(f"Redis unreachable: {exc}") from None
     sys.stdout.write(
         f"archived {report.rows} entr(ies) in {report.parts} part(s) to {archiver.target.uri}"
-        + (f"; {report.skipped} already archived\n" if report.skipped else "\n")
+        + (f"; {report.skipped} already archived" if report.skipped else "")
+        + (f"; {report.trimmed} trimmed from the decisions stream" if report.trimmed else "")
+        + "\n"
     )
 
 

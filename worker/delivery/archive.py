@@ -350,11 +350,13 @@ class ArchiveReport:
     rows: int = 0  # rows written to new parts
     parts: int = 0
     skipped: int = 0  # redelivered entries already in a part (a crash between write and ack)
+    trimmed: int = 0  # decisions-stream entries dropped from Redis (archive_stream_retention_s)
 
     def add(self, other: ArchiveReport) -> None:
         self.rows += other.rows
         self.parts += other.parts
         self.skipped += other.skipped
+        self.trimmed += other.trimmed
 
 
 Entry = tuple[str, dict[str, str]]
@@ -373,6 +375,7 @@ class Archiver:
     flush_s: float = 60.0
     claim_idle_s: float = 300.0
     read_count: int = 1000  # entries per XREADGROUP; a batch is several reads
+    retention_s: float | None = None  # trim decisions-stream entries every group acked, older than this
 
     def __post_init__(self) -> None:
         keys = DecisionStore(self.client, self.namespace).keys
@@ -394,6 +397,7 @@ class Archiver:
             batch=settings.archive_batch,
             flush_s=settings.archive_flush_s,
             claim_idle_s=settings.archive_claim_idle_s,
+            retention_s=settings.archive_stream_retention_s,
         )
         if settings.archive_consumer:
             kwargs["consumer"] = settings.archive_consumer
@@ -470,6 +474,7 @@ class Archiver:
                     buf[label].extend(entries)
                     n += len(entries)
             if not n:
+                report.trimmed += self.trim()
                 return report
             report.add(self._flush(buf, redelivered=False))
 
@@ -496,6 +501,7 @@ class Archiver:
                 if on_flush:
                     on_flush(report)
                 buf, n = defaultdict(list), 0
+                self.trim()
             if time.monotonic() - last_claim >= self.claim_idle_s / 2:
                 last_claim = time.monotonic()
                 claimed = self.recover()
@@ -544,6 +550,25 @@ class Archiver:
             if r is not None and r[0] == label:
                 out.append((r[1], r[2]))
         return out
+
+    def trim(self) -> int:
+        """Drop decisions-stream entries older than ``retention_s`` that every consumer group (this one
+        included, so only archived entries) has acknowledged; the stream's MAXLEN caps it otherwise.
+        Readers without a group (plain XREAD) get ``retention_s`` to read an entry. Returns how many went."""
+        if self.retention_s is None:
+            return 0
+        key = self.streams[DECISIONS]
+        floor = (int((time.time() - self.retention_s) * 1000), 0)
+        for g in self.client.xinfo_groups(key):
+            if int(g["pending"]):
+                oldest = self.client.xpending(key, g["name"])["min"]
+                floor = min(floor, parse_id(str(oldest)))
+            else:
+                ms, seq = parse_id(str(g["last-delivered-id"]))
+                floor = min(floor, (ms, seq + 1))
+        if floor <= (0, 0):
+            return 0
+        return int(self.client.xtrim(key, minid=f"{floor[0]}-{floor[1]}", approximate=False))
 
     def lag(self) -> dict[str, int]:
         """Entries not yet archived per stream (pending + never delivered), for status output."""
