@@ -487,7 +487,7 @@ class Archiver:
         if on_flush and done.rows + done.skipped:
             on_flush(done)
         buf: dict[str, list[Entry]] = defaultdict(list)
-        n, first_at, last_claim = 0, 0.0, time.monotonic()
+        n, first_at, last_claim, last_trim = 0, 0.0, time.monotonic(), 0.0
         while not stopping():
             wait = self.flush_s if not n else max(0.0, self.flush_s - (time.monotonic() - first_at))
             got = self.read_new(min(self.read_count, self.batch - n), max(1, int(min(wait, 1.0) * 1000)))
@@ -501,6 +501,8 @@ class Archiver:
                 if on_flush:
                     on_flush(report)
                 buf, n = defaultdict(list), 0
+            if self.retention_s is not None and time.monotonic() - last_trim >= 1.0:
+                last_trim = time.monotonic()
                 self.trim()
             if time.monotonic() - last_claim >= self.claim_idle_s / 2:
                 last_claim = time.monotonic()
