@@ -188,6 +188,9 @@ def main() -> int:
         stop.set()
         sampler.join()
 
+        caught_up = wait_archived(client, store, timeout=120)
+        if not caught_up:
+            print("note: the archiver had not caught up after 120 s; stopping it anyway", flush=True)
         archiver.send_signal(signal.SIGTERM)
         rc = archiver.wait(timeout=120)
         df = read_archive(archive, settings)
@@ -218,6 +221,18 @@ def main() -> int:
         return 0 if exact else 1
 
 
+def wait_archived(client: redis.Redis, store: DecisionStore, timeout: float) -> bool:
+    """Until the archive group has read and acked everything in the decisions stream."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        groups = {g["name"]: g for g in client.xinfo_groups(store.keys.decisions)}
+        g = groups.get(os.environ.get("MODERATION_ARCHIVE_GROUP", "archive"))
+        if g is not None and int(g["pending"]) == 0 and int(g.get("lag") or 0) == 0:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def bytes_per_decision(client: redis.Redis, store: DecisionStore) -> dict[str, float]:
     """MEMORY USAGE of the newest records and of the decisions stream per entry."""
     entries = client.xrevrange(store.keys.decisions, count=50)
@@ -227,6 +242,11 @@ def bytes_per_decision(client: redis.Redis, store: DecisionStore) -> dict[str, f
     rec = [r for r in rec if r]
     if rec:
         out["decision record"] = sum(rec) / len(rec)
+    items = [store.get(e) for e in ids]
+    item_use = [client.memory_usage(store.keys.item(d.item_id)) for d in items if d is not None]
+    item_use = [u for u in item_use if u]
+    if item_use:
+        out["item record"] = sum(item_use) / len(item_use)
     length = client.xlen(store.keys.decisions)
     usage = client.memory_usage(store.keys.decisions, samples=0)
     if length and usage:
