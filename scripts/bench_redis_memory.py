@@ -203,6 +203,14 @@ def main() -> int:
         print(f"record TTL {args.ttl_s} s; decisions-stream retention {retention} s; archiver exit {rc}")
         for name, b in per_decision.items():
             print(f"Redis bytes per decision, {name}: {b:.0f}")
+        review = int(client.zcard(store.keys.review))
+        review_mb = (client.memory_usage(store.keys.review, samples=0) or 0) / 1e6
+        overrides_mb = (client.memory_usage(store.keys.overrides, samples=0) or 0) / 1e6
+        print(
+            f"left in Redis at the end: review queue {review} entries ({review_mb:.2f} MB, no moderator "
+            f"works it here), overrides stream {overrides_mb:.2f} MB, "
+            f"decisions stream {client.xlen(store.keys.decisions)} entries"
+        )
         mb = [f"{x / 1e6:.2f}" for x in (mems[0], max(mems), mems[-1])]
         print(f"used_memory: start {mb[0]} MB, peak {mb[1]} MB, end {mb[2]} MB")
         exact = rows == written[0] and not dupes

@@ -297,3 +297,41 @@ def test_stream_retention_trims_only_what_every_group_acked(redis_url: str, tmp_
     assert run_cli("archive", "once", **env).returncode == 0
     assert client.xlen(store.keys.decisions) == 60  # unset: never trimmed by the archiver
     assert_exactly_once(read_archive(tmp_path / "archive"), {f"ev-{i}" for i in range(100)})
+
+
+def test_unwritable_targets_fail_in_one_line_and_lose_nothing(
+    redis_url: str, s3_endpoint: str, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    store = DecisionStore(client)
+    store.write_many(decisions(0, 30))
+    (tmp_path / "a-file").write_text("not a folder")
+    for uri in [str(tmp_path / "a-file" / "archive"), "s3://no-such-bucket/archive"]:
+        result = run_cli(
+            "archive",
+            "once",
+            REDIS_URL=redis_url,
+            MODERATION_ARCHIVE_URI=uri,
+            MODERATION_S3_ENDPOINT_URL=s3_endpoint,
+        )
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "cannot write to" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        group_state(client, store.keys.decisions)["lag"]
+        + group_state(client, store.keys.decisions)["pending"]
+        == 30
+    )  # nothing acknowledged
+    root = tmp_path / "archive"
+    assert run_cli("archive", "once", REDIS_URL=redis_url, MODERATION_ARCHIVE_URI=str(root)).returncode == 0
+    assert_exactly_once(read_archive(root), {f"ev-{i}" for i in range(30)})
+    status = run_cli("archive", "status", REDIS_URL=redis_url, MODERATION_ARCHIVE_URI=str(root))
+    assert status.returncode == 0 and "decisions\t0 not yet archived" in status.stdout
+
+
+def test_redis_unreachable_is_a_one_line_error(tmp_path: Path) -> None:
+    from worker.process.localredis import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    result = run_cli("archive", "once", REDIS_URL=url, MODERATION_ARCHIVE_URI=str(tmp_path / "a"))
+    assert result.returncode == 2
+    assert "Redis unreachable" in result.stderr and "Traceback" not in result.stderr

@@ -67,10 +67,16 @@ def run(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("archive_started", uri=archiver.target.uri, group=archiver.group, consumer=archiver.consumer)
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:
         archiver.run(stop.is_set)
     except redis.ConnectionError as exc:
         raise fail(f"Redis unreachable: {exc}") from None
+    except (OSError, BotoCoreError, ClientError) as exc:
+        raise fail(
+            f"cannot write to {archiver.target.uri}: {exc} (unacknowledged entries are archived next start)"
+        ) from None
     log.info("archive_stopped")
 
 
@@ -84,10 +90,16 @@ def once(uri: UriOpt = None, batch: BatchOpt = None) -> None:
     settings = build_settings(archive_uri=uri, archive_batch=batch)
     configure_logging(settings, component="archive")
     archiver = _archiver(settings)
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:
         report = archiver.once()
     except redis.ConnectionError as exc:
         raise fail(f"Redis unreachable: {exc}") from None
+    except (OSError, BotoCoreError, ClientError) as exc:
+        raise fail(
+            f"cannot write to {archiver.target.uri}: {exc} (nothing was acknowledged; rerun)"
+        ) from None
     sys.stdout.write(
         f"archived {report.rows} entr(ies) in {report.parts} part(s) to {archiver.target.uri}"
         + (f"; {report.skipped} already archived" if report.skipped else "")

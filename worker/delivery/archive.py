@@ -431,7 +431,7 @@ class Archiver:
                 gone = [i for i, f in (got[0][1] if got else []) if f is None]  # trimmed before we read it
                 if gone:
                     self.client.xack(key, self.group, *gone)
-                if not entries:
+                if not entries and not gone:
                     break
                 report.add(self._flush({label: entries}, redelivered=True))
             start = "0-0"
@@ -482,37 +482,52 @@ class Archiver:
         self, stopping: Callable[[], bool], on_flush: Callable[[ArchiveReport], None] | None = None
     ) -> None:
         """Until ``stopping()``: read, buffer up to ``batch`` entries or ``flush_s`` seconds, flush. When
-        ``stopping()`` turns true, what is buffered is flushed and acked before returning (the drain)."""
-        done = self.recover()
-        if on_flush and done.rows + done.skipped:
-            on_flush(done)
+        ``stopping()`` turns true, what is buffered is flushed and acked before returning (the drain).
+
+        A failed write or a lost Redis connection is logged and retried with backoff (the entries stay in the
+        pending list meanwhile); only the drain's last write lets its error out."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        transient = (OSError, redis.RedisError, BotoCoreError, ClientError)
         buf: dict[str, list[Entry]] = defaultdict(list)
-        n, first_at, last_claim, last_trim = 0, 0.0, time.monotonic(), 0.0
+        n, first_at, last_trim, failures = 0, 0.0, 0.0, 0
+        last_claim = -float("inf")  # recover first
+
+        def report(r: ArchiveReport) -> None:
+            if on_flush and r.rows + r.skipped:
+                on_flush(r)
+
         while not stopping():
-            wait = self.flush_s if not n else max(0.0, self.flush_s - (time.monotonic() - first_at))
-            got = self.read_new(min(self.read_count, self.batch - n), max(1, int(min(wait, 1.0) * 1000)))
-            for label, entries in got.items():
-                if entries and not n:
-                    first_at = time.monotonic()
-                buf[label].extend(entries)
-                n += len(entries)
-            if n and (n >= self.batch or time.monotonic() - first_at >= self.flush_s):
-                report = self._flush(buf, redelivered=False)
-                if on_flush:
-                    on_flush(report)
-                buf, n = defaultdict(list), 0
-            if self.retention_s is not None and time.monotonic() - last_trim >= 1.0:
-                last_trim = time.monotonic()
-                self.trim()
-            if time.monotonic() - last_claim >= self.claim_idle_s / 2:
-                last_claim = time.monotonic()
-                claimed = self.recover()
-                if on_flush and claimed.rows + claimed.skipped:
-                    on_flush(claimed)
+            try:
+                if time.monotonic() - last_claim >= self.claim_idle_s / 2:
+                    report(self.recover())
+                    last_claim = time.monotonic()
+                if n < self.batch:
+                    wait = self.flush_s if not n else max(0.0, self.flush_s - (time.monotonic() - first_at))
+                    block_ms = max(1, int(min(wait, 1.0) * 1000))
+                    for label, entries in self.read_new(
+                        min(self.read_count, self.batch - n), block_ms
+                    ).items():
+                        if entries and not n:
+                            first_at = time.monotonic()
+                        buf[label].extend(entries)
+                        n += len(entries)
+                if n and (n >= self.batch or time.monotonic() - first_at >= self.flush_s):
+                    report(self._flush(buf, redelivered=False))
+                    buf, n = defaultdict(list), 0
+                if self.retention_s is not None and time.monotonic() - last_trim >= 1.0:
+                    last_trim = time.monotonic()
+                    self.trim()
+                failures = 0
+            except transient as exc:
+                failures += 1
+                delay = min(30.0, 0.5 * 2**failures)
+                log.warning("archive_retry", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay)
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline and not stopping():
+                    time.sleep(0.1)
         if n:
-            report = self._flush(buf, redelivered=False)
-            if on_flush:
-                on_flush(report)
+            report(self._flush(buf, redelivered=False))
 
     # --- the write-then-ack step ---
     def _flush(self, buf: dict[str, list[Entry]], *, redelivered: bool) -> ArchiveReport:
