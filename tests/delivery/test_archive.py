@@ -335,3 +335,48 @@ def test_redis_unreachable_is_a_one_line_error(tmp_path: Path) -> None:
     result = run_cli("archive", "once", REDIS_URL=url, MODERATION_ARCHIVE_URI=str(tmp_path / "a"))
     assert result.returncode == 2
     assert "Redis unreachable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_retries_a_failing_target_and_two_archivers_share_the_work(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The folder cannot be created at first (its parent is a file); both archivers retry, and once it can,
+    they split the stream between them: each decision still lands in exactly one part."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    store = DecisionStore(client)
+    blocker = tmp_path / "mnt"
+    blocker.write_text("the volume is not mounted yet")
+    root = blocker / "archive"
+    logs = [tmp_path / "a1.log", tmp_path / "a2.log"]
+    procs = [
+        start_archiver(
+            subprocess_env(
+                REDIS_URL=redis_url, MODERATION_ARCHIVE_URI=str(root), MODERATION_ARCHIVE_CONSUMER=name
+            ),
+            log,
+            "--batch",
+            "100",
+            "--flush-s",
+            "0.1",
+        )
+        for name, log in zip(["arch-a", "arch-b"], logs, strict=True)
+    ]
+    store.write_many(decisions(0, 1000))
+    wait_for(lambda: all("archive_retry" in log.read_text() for log in logs), what="both to retry")
+    assert (
+        group_state(client, store.keys.decisions)["lag"]
+        + group_state(client, store.keys.decisions)["pending"]
+        == 1000
+    )
+    blocker.unlink()
+    store.write_many(decisions(1000, 1000))
+    wait_for(
+        lambda: group_state(client, store.keys.decisions) == {"pending": 0, "lag": 0},
+        what="both archivers to catch up",
+    )
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    assert [proc.wait(timeout=30) for proc in procs] == [0, 0]
+    consumers = {c["name"] for c in client.xinfo_consumers(store.keys.decisions, "archive")}
+    assert consumers == {"arch-a", "arch-b"}
+    assert_exactly_once(read_archive(root), {f"ev-{i}" for i in range(2000)})
