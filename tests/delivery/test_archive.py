@@ -380,3 +380,26 @@ def test_run_retries_a_failing_target_and_two_archivers_share_the_work(
     consumers = {c["name"] for c in client.xinfo_consumers(store.keys.decisions, "archive")}
     assert consumers == {"arch-a", "arch-b"}
     assert_exactly_once(read_archive(root), {f"ev-{i}" for i in range(2000)})
+
+
+def test_entries_land_in_the_hour_redis_appended_them_and_readers_pick_hours(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A batch that straddles midnight UTC is split into one part per hour; since/until read only those."""
+    from datetime import UTC, datetime
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    store = DecisionStore(client)
+    hours = [datetime(2026, 11, 30, 23, 59, 59, 999000, tzinfo=UTC), datetime(2026, 12, 1, 0, 0, tzinfo=UTC)]
+    for i, d in enumerate(decisions(0, 6)):  # as Redis stamps them: three before midnight, three after
+        ms = int(hours[i // 3].timestamp() * 1000)
+        client.xadd(store.keys.decisions, {"event_id": d.event_id, "decision": d.to_json()}, id=f"{ms}-{i}")
+    root = tmp_path / "archive"
+    assert run_cli("archive", "once", REDIS_URL=redis_url, MODERATION_ARCHIVE_URI=str(root)).returncode == 0
+    assert sorted(p.parent.relative_to(root).as_posix() for p in root.rglob("*.parquet")) == [
+        "date=2026-11-30/hour=23",
+        "date=2026-12-01/hour=00",
+    ]
+    assert set(read_archive(root, until=hours[0])["event_id"]) == {"ev-0", "ev-1", "ev-2"}
+    assert set(read_archive(root, since=hours[1])["event_id"]) == {"ev-3", "ev-4", "ev-5"}
+    assert len(read_archive(root, since=hours[0], until=hours[1])) == 6

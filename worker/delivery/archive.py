@@ -94,7 +94,11 @@ def parse_id(stream_id: str) -> tuple[int, int]:
 
 def partition_of(stream_id: str) -> str:
     """``date=YYYY-MM-DD/hour=HH`` of the UTC hour Redis appended the entry in."""
-    at = datetime.fromtimestamp(parse_id(stream_id)[0] / 1000, UTC)
+    return _partition_at(datetime.fromtimestamp(parse_id(stream_id)[0] / 1000, UTC))
+
+
+def _partition_at(at: datetime) -> str:
+    at = (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC)
     return f"date={at:%Y-%m-%d}/hour={at:%H}"
 
 
@@ -197,7 +201,7 @@ class Target(Protocol):
 
     def put(self, partition: str, name: str, data: bytes) -> None: ...
 
-    def parts(self) -> Iterator[tuple[str, bytes]]: ...
+    def parts(self, keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes]]: ...
 
 
 class LocalTarget:
@@ -226,12 +230,14 @@ class LocalTarget:
         finally:
             os.close(fd)
 
-    def parts(self) -> Iterator[tuple[str, bytes]]:
+    def parts(self, keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes]]:
+        """(path under the root, bytes) of every part whose partition ``keep`` accepts."""
         if not self.root.exists():
             return
         for path in sorted(self.root.glob("date=*/hour=*/*.parquet")):
-            if part_range(path.name) is not None:
-                yield str(path.relative_to(self.root)), path.read_bytes()
+            rel = path.relative_to(self.root).as_posix()
+            if part_range(path.name) is not None and (keep is None or keep(rel.rsplit("/", 1)[0])):
+                yield rel, path.read_bytes()
 
     def clean_temp(self) -> int:
         """Remove temp files a killed archiver left behind (never visible to readers)."""
@@ -263,14 +269,18 @@ class S3Target:
         key = self.base.join(partition, name).key
         self.client.put_object(Bucket=self.base.bucket, Key=key, Body=data)
 
-    def parts(self) -> Iterator[tuple[str, bytes]]:
+    def parts(self, keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes]]:
         prefix = (self.base.key.rstrip("/") + "/") if self.base.key else ""
         for page in self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.base.bucket, Prefix=prefix
         ):
             for obj in page.get("Contents", []):
                 rel = obj["Key"][len(prefix) :]
-                if re.match(r"^date=[^/]+/hour=[^/]+/[^/]+$", rel) and part_range(rel.rsplit("/", 1)[1]):
+                if not re.match(r"^date=[^/]+/hour=[^/]+/[^/]+$", rel) or not part_range(
+                    rel.rsplit("/", 1)[1]
+                ):
+                    continue
+                if keep is None or keep(rel.rsplit("/", 1)[0]):
                     body = self.client.get_object(Bucket=self.base.bucket, Key=obj["Key"])["Body"].read()
                     yield rel, body
 
@@ -293,15 +303,23 @@ def open_target(uri: str, settings: Settings | None = None) -> LocalTarget | S3T
 
 
 def read_archive(
-    root: str | Path, settings: Settings | None = None, *, kinds: Iterable[str] | None = None
+    root: str | Path,
+    settings: Settings | None = None,
+    *,
+    kinds: Iterable[str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> pd.DataFrame:
     """Every archived row, oldest first, each ``(stream, stream_id)`` once (the exactly-once rule's reader
-    half). ``kinds`` keeps only some of decision, override, audit, unparsed."""
+    half). ``kinds`` keeps only some of decision, override, audit, unparsed; ``since``/``until`` (UTC,
+    inclusive, to the hour) read only those partitions."""
     import pandas as pd
 
+    lo = None if since is None else _partition_at(since)
+    hi = None if until is None else _partition_at(until)
     target = open_target(str(root), settings)
     tables = []
-    for rel, data in target.parts():
+    for rel, data in target.parts(lambda p: (lo is None or p >= lo) and (hi is None or p <= hi)):
         try:
             tables.append(pq.read_table(io.BytesIO(data), schema=SCHEMA))
         except (pa.ArrowInvalid, OSError) as exc:
