@@ -171,7 +171,8 @@ class Settings(BaseSettings):
     archive_claim_idle_s: float = Field(
         300.0,
         gt=0,
-        description="Entries another archiver held unacked this long are taken over (XAUTOCLAIM).",
+        description="Entries another archiver held unacked this long are taken over (XAUTOCLAIM); at least "
+        "twice archive_flush_s, so a live archiver's buffer is never taken.",
     )
     archive_stream_retention_s: float | None = Field(
         None,

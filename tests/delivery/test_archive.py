@@ -207,7 +207,9 @@ def test_sigterm_writes_what_is_buffered_then_exits(redis_url: str, tmp_path: Pa
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     store = DecisionStore(client)
     root = tmp_path / "archive"
-    env = subprocess_env(REDIS_URL=redis_url, MODERATION_ARCHIVE_URI=str(root))
+    env = subprocess_env(
+        REDIS_URL=redis_url, MODERATION_ARCHIVE_URI=str(root), MODERATION_ARCHIVE_CLAIM_IDLE_S="7200"
+    )
     proc = start_archiver(env, tmp_path / "archiver.log", "--flush-s", "3600")
     store.write_many(decisions(0, 250))
     wait_for(lambda: group_state(client, store.keys.decisions)["pending"] == 250, what="entries buffered")
@@ -403,3 +405,11 @@ def test_entries_land_in_the_hour_redis_appended_them_and_readers_pick_hours(
     assert set(read_archive(root, until=hours[0])["event_id"]) == {"ev-0", "ev-1", "ev-2"}
     assert set(read_archive(root, since=hours[1])["event_id"]) == {"ev-3", "ev-4", "ev-5"}
     assert len(read_archive(root, since=hours[0], until=hours[1])) == 6
+
+
+def test_run_refuses_a_claim_time_shorter_than_two_flush_intervals(redis_url: str, tmp_path: Path) -> None:
+    result = run_cli(
+        "archive", "run", "--flush-s", "200", REDIS_URL=redis_url, MODERATION_ARCHIVE_URI=str(tmp_path / "a")
+    )
+    assert result.returncode == 2
+    assert "must be at least twice" in result.stderr and "Traceback" not in result.stderr

@@ -28,13 +28,16 @@ UriOpt = Annotated[
 BatchOpt = Annotated[int | None, typer.Option(min=1, help="Entries per part file at most.")]
 
 
-def _archiver(settings: Settings) -> Archiver:
+def _archiver(settings: Settings, *, running: bool = False) -> Archiver:
     from worker.delivery.archive import ArchiveError, Archiver
 
     try:
-        return Archiver.from_settings(settings)
+        archiver = Archiver.from_settings(settings)
+        if running:
+            archiver.check_for_run()
     except ArchiveError as exc:
         raise fail(str(exc)) from None
+    return archiver
 
 
 @archive_app.command()
@@ -53,7 +56,7 @@ def run(
 
     settings = build_settings(archive_uri=uri, archive_batch=batch, archive_flush_s=flush_s)
     configure_logging(settings, component="archive")
-    archiver = _archiver(settings)
+    archiver = _archiver(settings, running=True)
     log = get_logger("archive")
     stop = threading.Event()
 

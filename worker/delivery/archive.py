@@ -422,6 +422,14 @@ class Archiver:
         kwargs.update(overrides)
         return cls(**kwargs)
 
+    def check_for_run(self) -> None:
+        """A long-running archiver holds entries up to ``flush_s``; others must not take them over."""
+        if self.claim_idle_s < 2 * self.flush_s:
+            raise ArchiveError(
+                f"MODERATION_ARCHIVE_CLAIM_IDLE_S ({self.claim_idle_s:g} s) must be at least twice the "
+                f"flush interval ({self.flush_s:g} s), or archivers take over each other's buffers"
+            )
+
     # --- setup ---
     def ensure_groups(self) -> None:
         """Create the group at the start of each stream (history already there is archived too)."""
@@ -439,7 +447,8 @@ class Archiver:
 
     # --- one pass ---
     def recover(self) -> ArchiveReport:
-        """Entries delivered before but never acked: this consumer's own, then a dead replica's."""
+        """Entries delivered before but never acked: this consumer's own (after a restart), then those a
+        dead replica held past the idle time."""
         self.ensure_groups()
         report = ArchiveReport()
         for label, key in self.streams.items():
@@ -452,8 +461,16 @@ class Archiver:
                 if not entries and not gone:
                     break
                 report.add(self._flush({label: entries}, redelivered=True))
+        report.add(self.claim_stale())
+        return report
+
+    def claim_stale(self) -> ArchiveReport:
+        """Take over and archive entries any consumer has held unacked for ``claim_idle_s`` (XAUTOCLAIM).
+        Called only with nothing buffered: our own buffered entries must not be written twice."""
+        report = ArchiveReport()
+        for label, key in self.streams.items():
             start = "0-0"
-            while True:  # entries a crashed replica held past the idle time
+            while True:
                 reply = self.client.xautoclaim(
                     key,
                     self.group,
@@ -509,7 +526,7 @@ class Archiver:
         transient = (OSError, redis.RedisError, BotoCoreError, ClientError)
         buf: dict[str, list[Entry]] = defaultdict(list)
         n, first_at, last_trim, failures = 0, 0.0, 0.0, 0
-        last_claim = -float("inf")  # recover first
+        recovered, last_claim = False, time.monotonic()
 
         def report(r: ArchiveReport) -> None:
             if on_flush and r.rows + r.skipped:
@@ -517,8 +534,11 @@ class Archiver:
 
         while not stopping():
             try:
-                if time.monotonic() - last_claim >= self.claim_idle_s / 2:
+                if not recovered:  # first thing, and again after a failure until it succeeds
                     report(self.recover())
+                    recovered, last_claim = True, time.monotonic()
+                elif not n and time.monotonic() - last_claim >= self.claim_idle_s / 2:
+                    report(self.claim_stale())
                     last_claim = time.monotonic()
                 if n < self.batch:
                     wait = self.flush_s if not n else max(0.0, self.flush_s - (time.monotonic() - first_at))
