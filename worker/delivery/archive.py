@@ -239,12 +239,17 @@ class LocalTarget:
             if part_range(path.name) is not None and (keep is None or keep(rel.rsplit("/", 1)[0])):
                 yield rel, path.read_bytes()
 
-    def clean_temp(self) -> int:
-        """Remove temp files a killed archiver left behind (never visible to readers)."""
+    def clean_temp(self, older_than_s: float = 3600.0) -> int:
+        """Remove temp files a killed archiver left behind (never visible to readers); recent ones may be
+        another archiver's write in progress on a shared folder."""
         n = 0
         for tmp in self.root.glob("date=*/hour=*/.*.tmp"):
-            tmp.unlink(missing_ok=True)
-            n += 1
+            try:
+                if time.time() - tmp.stat().st_mtime > older_than_s:
+                    tmp.unlink()
+                    n += 1
+            except FileNotFoundError:
+                continue
         return n
 
 
