@@ -390,7 +390,7 @@ class Archiver:
     """Reads the streams through its own consumer group and writes each entry to exactly one part."""
 
     client: Any
-    target: LocalTarget | S3Target
+    target: Target
     namespace: str = "moderation"
     group: str = "archive"
     consumer: str = field(default_factory=lambda: f"archive-{socket.gethostname()}")
