@@ -158,7 +158,7 @@ def main() -> int:
 
         rng = random.Random(0)
         chunk = max(1, int(args.rate / 10))
-        ttl_checked = False
+        ttl_checked, ttl_applied = False, False
         overrides = 0
         while written[0] < args.events:
             start = time.monotonic()
@@ -180,6 +180,7 @@ def main() -> int:
                         flush=True,
                     )
                 else:
+                    ttl_applied = True
                     print(f"decision record TTL: {ttl} s", flush=True)
             time.sleep(max(0.0, n / args.rate - (time.monotonic() - start)))
         done_at.append(time.monotonic() - t0)
@@ -200,7 +201,10 @@ def main() -> int:
         mems = [s[1] for s in samples]
         print()
         print(f"decisions written: {written[0]} in {done_at[0]:.1f} s; overrides: {overrides}")
-        print(f"record TTL {args.ttl_s} s; decisions-stream retention {retention} s; archiver exit {rc}")
+        applied = "" if ttl_applied else " (not applied by the store)"
+        print(
+            f"record TTL {args.ttl_s} s{applied}; decisions-stream retention {retention} s; archiver rc {rc}"
+        )
         for name, b in per_decision.items():
             print(f"Redis bytes per decision, {name}: {b:.0f}")
         review = int(client.zcard(store.keys.review))
@@ -224,7 +228,7 @@ def main() -> int:
                 w.writerow(["t_s", "used_memory_bytes", "decisions_written", "keys", "decisions_stream_len"])
                 w.writerows(samples)
         if args.png:
-            plot(samples, done_at[0], args, retention, args.png)
+            plot(samples, done_at[0], args, retention, ttl_applied, args.png)
             print(f"curve: {args.png}")
         return 0 if exact else 1
 
@@ -263,7 +267,12 @@ def bytes_per_decision(client: redis.Redis, store: DecisionStore) -> dict[str, f
 
 
 def plot(
-    samples: list[tuple[float, int, int, int, int]], done_s: float, args: Any, retention: float, png: Path
+    samples: list[tuple[float, int, int, int, int]],
+    done_s: float,
+    args: Any,
+    retention: float,
+    ttl_applied: bool,
+    png: Path,
 ) -> None:
     import matplotlib
 
@@ -280,8 +289,10 @@ def plot(
     ax2.plot(t, [s[2] for s in samples], color="tab:orange", alpha=0.6, label="decisions written")
     ax2.set_ylabel("decisions written")
     ax.set_title(
-        f"{args.events} decisions at {args.rate:g}/s, record TTL {args.ttl_s:g} s, "
-        f"stream retention {retention:g} s, archiver running"
+        f"{args.events} decisions at {args.rate:g}/s, record TTL "
+        + (f"{args.ttl_s:g} s" if ttl_applied else "none (the store sets none)")
+        + f", stream retention {retention:g} s, archiver running",
+        fontsize=10,
     )
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(lines, [str(line.get_label()) for line in lines], loc="upper left")
