@@ -148,6 +148,40 @@ class Settings(BaseSettings):
     )
     review_cache_items: int = Field(256, description="Heatmaps and thumbnails kept in memory.")
 
+    # --- decision archive ----------------------------------------------------------------------------
+    archive_uri: str | None = Field(
+        None,
+        description="Where `moderation archive` writes every decision, override and audit entry as "
+        "hour-partitioned Parquet: a folder or s3://bucket/prefix (docs/archive.md).",
+    )
+    archive_batch: int = Field(
+        10_000, ge=1, description="Entries per part file at most (fewer, larger files are cheaper to read)."
+    )
+    archive_flush_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest an entry waits before its part is written (Redis keeps it until then).",
+    )
+    archive_group: str = Field(
+        "archive", description="The archiver's consumer group on the decisions stream."
+    )
+    archive_consumer: str | None = Field(
+        None, description="Consumer name in that group; keep it stable across restarts. Unset: archive-HOST."
+    )
+    archive_claim_idle_s: float = Field(
+        300.0,
+        gt=0,
+        description="Entries another archiver held unacked this long are taken over (XAUTOCLAIM); at least "
+        "twice archive_flush_s, so a live archiver's buffer is never taken.",
+    )
+    archive_stream_retention_s: float | None = Field(
+        None,
+        ge=0,
+        description="The archiver trims decisions-stream entries older than this once every consumer group "
+        "has acked them (so only archived ones); readers without a group get this long. Unset: only the "
+        "stream's MAXLEN bounds it (docs/archive.md, memory sizing).",
+    )
+
     def resolved_device(self) -> str:
         import torch
 
