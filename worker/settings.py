@@ -178,6 +178,18 @@ class Settings(BaseSettings):
     def default_registry(self) -> str:
         return self.registry or str(self.home / "registry")
 
+    # --- observability: events for Flower, experiment tracking ------------------------------------------
+    celery_events: bool = Field(
+        False,
+        description="Send Celery task events and worker heartbeats (Flower, celery-exporter, "
+        "`celery events`). Off by default: with a stream ingress there are few tasks to show, and each "
+        "event is a Redis publish (docs/operations.md).",
+    )
+    tracking: Literal["auto", "off", "tensorboard", "mlflow"] = Field(
+        "auto",
+        description="Experiment tracker of training runs: auto uses TensorBoard or MLflow when installed.",
+    )
+
     # --- how the environment is read (keep this block last) ------------------------------------------
     @classmethod
     def settings_customise_sources(
