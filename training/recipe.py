@@ -258,15 +258,14 @@ def train_one_epoch(
     show: bool,
 ) -> tuple[float, int, int]:
     """One pass; returns (mean loss, global step, images seen)."""
-    from tqdm.auto import tqdm
-
+    from training.progress import progress
     from worker.scoring.model import to_input
 
     model.train()
     cuda = device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
     total, n = 0.0, 0
-    bar = tqdm(loader, disable=not show, leave=False, desc="train", unit="batch", dynamic_ncols=True)
+    bar = progress(loader, desc="train", unit="batch", enabled=show)
     for crops, targets in bar:
         x = to_input(crops, mean, std, device, channels_last=cuda)
         y = targets.to(device, non_blocking=True)
