@@ -53,7 +53,7 @@ def env_name(field: str) -> str:
 def settings_error_message(exc: Exception, flags: dict[str, Any] | None = None) -> str:
     """A pydantic ValidationError or SettingsError of :class:`Settings` as ``VARIABLE=value: why; fix``.
 
-    A field the user passed as a flag is named as that flag instead of its variable.
+    A value the user passed as a flag is named as such instead of as its variable.
     """
     flags = flags or {}
     if isinstance(exc, ValidationError):
@@ -62,9 +62,9 @@ def settings_error_message(exc: Exception, flags: dict[str, Any] | None = None) 
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         info = Settings.model_fields.get(field)
         default = "" if info is None or info.is_required() else f" (default: {_default_of(field)})"
-        if field in flags:
-            where = f"--{field.replace('_', '-')} {first['input']!r}"
-            fix = f"pass a valid --{field.replace('_', '-')}"
+        if field in flags:  # the flag's name may differ from the field's (--processes: worker_processes)
+            where = f"{first['input']!r} given on the command line for {field}"
+            fix = "pass a valid value (see --help)"
         else:
             where = f"{env_name(field)}={first['input']!r}"
             fix = f"set {env_name(field)} to a valid value or unset it{default}"
