@@ -95,6 +95,14 @@ CASES = [
         needs_no_gpu=True,
     ),
     Case(
+        "worker --device cuda without a GPU",
+        lambda c: ["worker", "--device", "cuda", "--checkpoint", str(c.checkpoint)],
+        2,
+        ("cuda", "--device cpu"),
+        env=lambda c: {"REDIS_URL": c.redis_url},
+        needs_no_gpu=True,
+    ),
+    Case(
         "score with inputs that failed exits non-zero and says how many",
         lambda c: ["score", "--checkpoint", str(c.checkpoint), "--device", "cpu", str(c.image), "nope.png"],
         1,
