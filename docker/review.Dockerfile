@@ -26,6 +26,8 @@ COPY --from=build /opt/venv /opt/venv
 RUN useradd --create-home --uid 10001 moderation
 USER moderation
 WORKDIR /home/moderation
+# Created as the user, so the named volume compose mounts here starts owned by it (accounts, session secret).
+RUN mkdir -p /home/moderation/.moderation
 ENV MODERATION_HOME=/home/moderation/.moderation \
     MODERATION_LOG_FORMAT=json \
     MODERATION_DEVICE=cpu

@@ -141,6 +141,25 @@ ROWS: list[Row] = [
         ],
     ),
     (
+        "Stages",
+        [
+            (
+                "Fetch time per image",
+                "timeseries",
+                "s",
+                "Bytes from file, S3 or HTTPS, retries included: a slow origin shows here first.",
+                quantiles("moderation_fetch_seconds"),
+            ),
+            (
+                "Decode and crop time per image",
+                "timeseries",
+                "s",
+                "Pillow decode and native crops (or the image's share of a device decode batch).",
+                quantiles("moderation_decode_seconds"),
+            ),
+        ],
+    ),
+    (
         "Model",
         [
             (
@@ -224,6 +243,134 @@ ROWS: list[Row] = [
                 "Redelivered events that were already decided (at-least-once delivery at work).",
                 [q(f"sum(rate(moderation_duplicate_deliveries_total[{RI}]))", "duplicates")],
             ),
+            (
+                "Webhook deliveries by outcome",
+                "timeseries",
+                "ops",
+                "delivered (2xx), rejected (4xx, not retried), failed (retries exhausted).",
+                [q(f"sum by (outcome) (rate(moderation_webhook_deliveries_total[{RI}]))", "{{outcome}}")],
+            ),
+            (
+                "Webhook attempt time",
+                "timeseries",
+                "s",
+                "One POST to a receiver; slow receivers hold the sender pool.",
+                quantiles("moderation_webhook_attempt_seconds"),
+            ),
+        ],
+    ),
+    (
+        "Review and training",
+        [
+            (
+                "Review backlog",
+                "timeseries",
+                "short",
+                "Items waiting for a moderator (ModerationReviewBacklogStale watches their age).",
+                [q("max(moderation_review_backlog_items)", "items")],
+            ),
+            (
+                "Oldest item waiting for review",
+                "timeseries",
+                "s",
+                "Age of the oldest review item: the time a moderator's answer is late by.",
+                [q("max(moderation_review_oldest_item_age_seconds)", "oldest")],
+            ),
+            (
+                "Training jobs",
+                "timeseries",
+                "short",
+                "Jobs finished per outcome in the last day, and jobs running now.",
+                [
+                    q("sum by (outcome) (increase(moderation_training_jobs_total[1d]))", "{{outcome}}"),
+                    q("sum(moderation_training_jobs_running)", "running"),
+                ],
+            ),
+            (
+                "Training job duration",
+                "timeseries",
+                "s",
+                "Wall time of a training job, start to outcome.",
+                [
+                    q(
+                        "histogram_quantile(0.5,"
+                        " sum by (le) (rate(moderation_training_job_seconds_bucket[1d])))",
+                        "p50",
+                    )
+                ],
+            ),
+        ],
+    ),
+    (
+        "Processes",
+        [
+            (
+                "Resident memory per worker",
+                "timeseries",
+                "bytes",
+                "process_resident_memory_bytes: a line that only grows is a leak.",
+                [q('process_resident_memory_bytes{job="moderation-worker"}', "{{instance}}")],
+            ),
+            (
+                "CPU per worker",
+                "timeseries",
+                "percentunit",
+                "CPU seconds per second, all threads of the process.",
+                [q(f'rate(process_cpu_seconds_total{{job="moderation-worker"}}[{RI}])', "{{instance}}")],
+            ),
+            (
+                "Restarts (process start time)",
+                "timeseries",
+                "short",
+                "Process starts in the last hour per worker: crash loops show here.",
+                [q('changes(process_start_time_seconds{job="moderation-worker"}[1h])', "{{instance}}")],
+            ),
+        ],
+    ),
+    (
+        "Redis",
+        [
+            (
+                "Redis memory used vs limit",
+                "timeseries",
+                "bytes",
+                "From redis_exporter; ModerationRedisMemoryHigh fires above 90% of maxmemory.",
+                [
+                    q("max(redis_memory_used_bytes)", "used"),
+                    q("max(redis_memory_max_bytes)", "maxmemory"),
+                ],
+            ),
+            (
+                "Redis commands per second",
+                "timeseries",
+                "ops",
+                "All commands the broker and decision store serve.",
+                [q(f"sum(rate(redis_commands_processed_total[{RI}]))", "commands")],
+            ),
+            (
+                "Stream consumer-group lag and pending",
+                "timeseries",
+                "short",
+                "Events not yet read by a group (lag) and read but not acked (pending), per stream.",
+                [
+                    q("max by (stream, group) (redis_stream_group_lag)", "lag {{stream}}/{{group}}"),
+                    q(
+                        "max by (stream, group) (redis_stream_group_messages_pending)",
+                        "pending {{stream}}/{{group}}",
+                    ),
+                ],
+            ),
+            (
+                "Redis clients and evictions",
+                "timeseries",
+                "short",
+                "Connected clients, and keys evicted under memory pressure (must stay 0:"
+                " decisions are data).",
+                [
+                    q("max(redis_connected_clients)", "clients"),
+                    q(f"sum(increase(redis_evicted_keys_total[{RI}]))", "evicted"),
+                ],
+            ),
         ],
     ),
 ]
@@ -277,7 +424,8 @@ def build() -> dict[str, Any]:
     return {
         "uid": "moderation-workers",
         "title": "Moderation workers",
-        "description": "Image moderation: traffic, errors, latency, model, drift. See ops/runbook.md.",
+        "description": "Image moderation: traffic, errors, latency, model, drift, review, Redis. "
+        "See ops/runbook.md.",
         "tags": ["moderation"],
         "timezone": "utc",
         "schemaVersion": 39,

@@ -22,6 +22,8 @@ from pydantic import BaseModel, Field
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from training.data import ImageSource, hard_labels
+from training.plots import write_plots
+from training.progress import progress
 from worker.media.crops import aggregate, inference_crops
 from worker.settings import Settings
 
@@ -124,7 +126,7 @@ def score_with_checkpoint(
     scorer = Scorer.load(uri, settings)
     src = source or ImageSource(settings)
     out = np.zeros(len(uris), dtype=np.float64)
-    for i, u in enumerate(uris):
+    for i, u in enumerate(progress(uris, desc="score", unit="img")):
         img = src.image(u)
         if transform is not None:
             img = transform(img)
@@ -265,45 +267,13 @@ def evaluate_scores(
         report.variants[key] = ranking(y, scores, n_boot)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        report.plots = write_plots(out_dir, name, y, p)
+        marks = {"review": review} | {
+            t.target: t.threshold for t in report.thresholds if t.threshold is not None
+        }
+        report.plots = write_plots(out_dir, name, y, p, thresholds=marks)
         (out_dir / "report.json").write_text(report.model_dump_json(indent=2))
         test.assign(label=y).to_csv(out_dir / "scores.csv", index=False)
     return report
-
-
-def write_plots(out: Path, name: str, y: np.ndarray, p: np.ndarray) -> list[str]:
-    """ROC, precision-recall and score histograms per class, as PNG (Agg backend, no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    files = []
-    if 0 < y.sum() < len(y):
-        fpr, tpr, _ = roc_curve(y, p)
-        prec, rec, _ = precision_recall_curve(y, p)
-        for fname, xs, ys, xl, yl in (
-            ("roc.png", fpr, tpr, "false positive rate", "true positive rate"),
-            ("pr.png", rec, prec, "recall", "precision"),
-        ):
-            fig, ax = plt.subplots(figsize=(4.5, 4))
-            ax.plot(xs, ys)
-            ax.set(xlabel=xl, ylabel=yl, title=f"{name}: {fname[:-4].upper()}", xlim=(0, 1), ylim=(0, 1.02))
-            fig.tight_layout()
-            fig.savefig(out / fname, dpi=100)
-            plt.close(fig)
-            files.append(fname)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    bins = np.linspace(0, 1, 26).tolist()
-    ax.hist(p[y == 0], bins=bins, alpha=0.6, label="real (label 0)")
-    ax.hist(p[y == 1], bins=bins, alpha=0.6, label="AI (label 1)")
-    ax.set(xlabel="ai_score", ylabel="items", title=f"{name}: score histogram")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "hist.png", dpi=100)
-    plt.close(fig)
-    files.append("hist.png")
-    return files
 
 
 def summary_lines(r: EvalReport) -> list[str]:

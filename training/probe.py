@@ -21,6 +21,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from training.data import ImageSource, hard_labels
+from training.progress import progress
 from worker.media.crops import CropSpec, inference_crops
 from worker.scoring.model import to_input
 
@@ -47,7 +48,7 @@ def embed(
     """Pooled pre-logit features per image (mean over its crops), optionally of a transformed copy."""
     model.eval().to(device)
     feats = []
-    for uri in uris:
+    for uri in progress(uris, desc="embed", unit="img"):
         img = source.image(uri)
         crops, _ = inference_crops(transform(img) if transform else img, spec)
         x = to_input(crops, mean, std, device)

@@ -39,6 +39,7 @@ from training.labels import (
 from training.losses import soft_bce
 from worker.errors import CheckpointError
 from worker.media.crops import CropSpec
+from worker.ops.experiments import Tracker, open_tracker
 from worker.records import Thresholds
 from worker.scoring.checkpoint import Manifest, load_checkpoint, save_checkpoint
 from worker.scoring.model import create_model, data_config
@@ -258,15 +259,14 @@ def train_one_epoch(
     show: bool,
 ) -> tuple[float, int, int]:
     """One pass; returns (mean loss, global step, images seen)."""
-    from tqdm.auto import tqdm
-
+    from training.progress import progress
     from worker.scoring.model import to_input
 
     model.train()
     cuda = device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
     total, n = 0.0, 0
-    bar = tqdm(loader, disable=not show, leave=False, desc="train", unit="batch", dynamic_ncols=True)
+    bar = progress(loader, desc="train", unit="batch", enabled=show)
     for crops, targets in bar:
         x = to_input(crops, mean, std, device, channels_last=cuda)
         y = targets.to(device, non_blocking=True)
@@ -432,6 +432,8 @@ def train(
         history = history[:start]
 
     end = cfg.epochs if stop_after is None else min(cfg.epochs, start + stop_after)
+    tracker = open_tracker(settings, run) if d.main else Tracker()
+    tracker.log_params(cfg.model_dump(mode="json"))
     for epoch in range(start, end):
         ds.set_epoch(epoch)
         if loader.generator is not None:  # data order depends on the epoch only, so resuming replays it
@@ -467,6 +469,7 @@ def train(
                 **{f"val_{k}": v for k, v in val.items()},
             }
             history.append(row)
+            tracker.log_metrics(row, step=epoch)
             with (run / "metrics.jsonl").open("w") as fh:
                 fh.writelines(json.dumps(h) + "\n" for h in history)
             save_state(
@@ -483,6 +486,7 @@ def train(
                 print(json.dumps(shown), flush=True)
         if d.world > 1:
             dist.barrier()
+    tracker.close()
 
     if not d.main:
         dist.destroy_process_group()

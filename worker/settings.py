@@ -7,11 +7,19 @@ because every deployment tool already sets them.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 DEFAULT_HOME = Path.home() / ".moderation"
 
@@ -183,12 +191,83 @@ class Settings(BaseSettings):
     )
 
     def resolved_device(self) -> str:
+        """The torch device to use; a CUDA device this host does not have is a :class:`DeviceUnavailable`."""
         import torch
 
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise DeviceUnavailable(
+                    f"device {self.device} requested but this host has no usable CUDA GPU"
+                )
+            index = int(self.device.split(":", 1)[1]) if ":" in self.device else 0
+            if index >= torch.cuda.device_count():
+                raise DeviceUnavailable(
+                    f"device {self.device} requested but this host has {torch.cuda.device_count()} GPU(s)"
+                )
         return self.device
 
     @property
     def default_registry(self) -> str:
         return self.registry or str(self.home / "registry")
+
+    # --- observability: events for Flower, experiment tracking ------------------------------------------
+    celery_events: bool = Field(
+        False,
+        description="Send Celery task events and worker heartbeats (Flower, celery-exporter, "
+        "`celery events`). Off by default: with a stream ingress there are few tasks to show, and each "
+        "event is a Redis publish (docs/operations.md).",
+    )
+    tracking: Literal["auto", "off", "tensorboard", "mlflow"] = Field(
+        "auto",
+        description="Experiment tracker of training runs: auto uses TensorBoard or MLflow when installed.",
+    )
+
+    # --- how the environment is read (keep this block last) ------------------------------------------
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment and ``.env`` as usual, except that list settings also take ``a,b,c``."""
+        dotenv = _CommaListDotEnv(
+            settings_cls,
+            env_file=getattr(dotenv_settings, "env_file", None),
+            env_file_encoding=getattr(dotenv_settings, "env_file_encoding", None),
+        )
+        return init_settings, _CommaListEnv(settings_cls), dotenv, file_secret_settings
+
+
+class DeviceUnavailable(RuntimeError):
+    """The configured torch device does not exist on this host (e.g. ``cuda`` without a GPU)."""
+
+
+def _is_list(annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (list, tuple, set, frozenset):
+        return True
+    return any(_is_list(a) for a in typing.get_args(annotation) if typing.get_origin(annotation) is not None)
+
+
+def _split_list(field: FieldInfo, value: Any) -> Any:
+    """``cdn.example.com`` or ``a.com, b.com``: a list setting in the form every shell user writes. A value
+    starting with ``[`` is still read as JSON."""
+    if isinstance(value, str) and _is_list(field.annotation) and not value.lstrip().startswith("["):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return None
+
+
+class _CommaListEnv(EnvSettingsSource):
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        split = _split_list(field, value)
+        return split if split is not None else super().decode_complex_value(field_name, field, value)
+
+
+class _CommaListDotEnv(DotEnvSettingsSource):
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        split = _split_list(field, value)
+        return split if split is not None else super().decode_complex_value(field_name, field, value)

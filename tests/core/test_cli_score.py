@@ -21,7 +21,8 @@ def test_checkpoint_init_then_score_samples_as_json(tmp_path: Path) -> None:
     assert (tmp_path / "ck" / "manifest.json").is_file()
 
     out = run("score", "--checkpoint", "ck", "--samples", "--json", "nope.jpg", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr  # every decision printed, and the failed input in the status
+    assert "1 of" in out.stderr and "file_not_found: 1" in out.stderr
     decisions = [Decision.from_json(line) for line in out.stdout.splitlines()]
     assert len(decisions) == len(sample_paths()) + 1 == len(sample_labels()) + 1
     assert decisions[0].verdict == Verdict.ERROR and decisions[0].reason is not None

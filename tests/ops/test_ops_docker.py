@@ -131,3 +131,61 @@ def test_ops_compose_config_validates_with_the_docker_client(tmp_path: Path) -> 
         [*cli, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=no_pw
     )
     assert missing.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in missing.stdout + missing.stderr
+
+
+def test_ops_compose_routes_alerts_to_alertmanager_and_scrapes_redis() -> None:
+    services = compose()["services"]
+    assert {"alertmanager", "redis-exporter"} <= set(services)
+    prom = yaml.safe_load((REPO / "ops" / "prometheus" / "prometheus.yml").read_text())
+    targets = prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert targets == ["alertmanager:9093"]
+    am = services["alertmanager"]
+    am_mounts = dict(m.split(":")[:2] for m in am["volumes"])
+    assert am_mounts["../ops/alertmanager"] == "/etc/alertmanager"
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in am["command"]
+    config = yaml.safe_load((REPO / "ops" / "alertmanager" / "alertmanager.yml").read_text())
+    receivers = {r["name"]: r for r in config["receivers"]}
+    assert config["route"]["receiver"] in receivers
+    assert all(r.get("webhook_configs") for r in receivers.values())  # the example receivers
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    assert jobs["redis"]["static_configs"][0]["targets"] == ["redis-exporter:9121"]
+    assert services["redis-exporter"]["environment"]["REDIS_ADDR"] == "redis://redis:6379"
+    assert "--maxmemory" in services["redis"]["command"]  # the memory alerts need a bound
+    assert services["worker"]["environment"]["MODERATION_CELERY_EVENTS"] == "true"
+
+
+def test_ops_compose_keeps_every_stateful_service_on_a_named_volume() -> None:
+    doc = compose()
+    services = doc["services"]
+    state = {
+        "redis": "/data",
+        "review": "/home/moderation/.moderation",
+        "prometheus": "/prometheus",
+        "grafana": "/var/lib/grafana",
+        "alertmanager": "/alertmanager",
+        "trainer": "/data/training",
+    }
+    for name, path in state.items():
+        named = {
+            m.split(":")[1]: m.split(":")[0]
+            for m in services[name]["volumes"]
+            if not m.startswith((".", "/"))
+        }
+        assert path in named, f"{name}: {path} is not on a named volume"
+        assert named[path] in doc["volumes"]
+    review_df = (DOCKER / "review.Dockerfile").read_text()
+    # the image creates the mount point as its user, so the fresh volume is writable by it
+    assert "RUN mkdir -p /home/moderation/.moderation" in review_df.split("USER moderation", 1)[1]
+    env_home = re.search(r"MODERATION_HOME=(\S+)", review_df)
+    assert env_home is not None and env_home.group(1) == state["review"]
+
+
+@pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool not installed (prometheus-alertmanager)")
+def test_ops_alertmanager_config_passes_amtool() -> None:
+    proc = subprocess.run(
+        ["amtool", "check-config", str(REPO / "ops" / "alertmanager" / "alertmanager.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -115,7 +115,7 @@ def test_notification_swaps_between_batches_while_batches_keep_running(
     assert (
         metrics.registry.get_sample_value(
             "moderation_model_info",
-            {"version": b, "arch": "test_convnext", "crop_size": "64", "previous": a, "source": "registry"},
+            {"version": b, "arch": "test_convnext", "crop_size": "64", "source": "registry"},
         )
         == 1.0
     )

@@ -88,6 +88,10 @@ def add_user(
     users_file_opt: Annotated[
         Path | None, typer.Option("--users-file", help="User store (default: HOME/review-users.json).")
     ] = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option("--password-file", help="Read the password from the first line of this file."),
+    ] = None,
 ) -> None:
     """Add or replace an account in the user store with an argon2id password hash."""
     from pydantic import ValidationError
@@ -110,8 +114,18 @@ def add_user(
     path = users_file_opt or default_users_file(build_settings())
     password = ""
     if not no_password:
-        if password_stdin:
+        if password_file is not None:
+            try:
+                password = password_file.read_text().splitlines()[0] if password_file.stat().st_size else ""
+            except OSError as exc:
+                raise fail(f"cannot read --password-file {password_file}: {exc.strerror}") from None
+        elif password_stdin:
             password = sys.stdin.readline().rstrip("\r\n")
+        elif not sys.stdin.isatty():
+            raise fail(
+                "no terminal to ask for the password; fix: pipe it with --password-stdin or pass "
+                "--password-file FILE"
+            )
         else:
             password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
         if len(password) < 8:

@@ -15,6 +15,7 @@ from worker.cli.common import (
     build_settings,
     console,
     fail,
+    failed_inputs_exit,
     print_decisions,
     resolve_checkpoint,
 )
@@ -33,7 +34,10 @@ def score(
     num_crops: Annotated[int | None, typer.Option(help="Crops per image (default: checkpoint's).")] = None,
     aggregation: Annotated[str | None, typer.Option(help="max or mean (default: checkpoint's).")] = None,
 ) -> None:
-    """Score images once, without a queue, and print one decision per input."""
+    """Score images once, without a queue, and print one decision per input.
+
+    Exits 1 (after printing every decision) when any input ended as an error decision, and says how many.
+    """
     from worker.media.fetch import Fetcher
     from worker.ops.logs import configure_logging
     from worker.records import Event
@@ -56,8 +60,9 @@ def score(
     if as_json:
         for d in decisions:
             sys.stdout.write(d.to_json() + "\n")
-        return
-    print_decisions(decisions)
+    else:
+        print_decisions(decisions)
+    failed_inputs_exit(decisions)
 
 
 @checkpoint_app.command("init")
@@ -72,7 +77,9 @@ def checkpoint_init(
     pretrained_file: Annotated[
         Path | None, typer.Option(help="Backbone weights file (timm-compatible state dict).")
     ] = None,
-    seed: int = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the random initialisation (same seed, same weights).")
+    ] = 0,
 ) -> None:
     """Write a randomly initialised (or pretrained-backbone) checkpoint with a full manifest."""
     from worker.errors import CheckpointError

@@ -394,14 +394,11 @@ class ModelWatcher:
 
     def _publish_info(self, scorer: Scorer, previous: str | None) -> None:
         m = scorer.manifest
-        self.metrics.model_info.info(
-            {
-                "version": m.version,
-                "arch": m.arch,
-                "crop_size": str(m.crop_size),
-                "previous": previous or "",
-                "source": "pinned" if self.pinned else "registry",
-            }
+        self.metrics.set_model(
+            version=m.version,
+            arch=m.arch,
+            crop_size=m.crop_size,
+            source="pinned" if self.pinned else "registry",
         )
 
     # --- background threads -------------------------------------------------------------------------------

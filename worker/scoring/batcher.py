@@ -168,6 +168,7 @@ class Batcher:
         if n_crops:
             self.metrics.batch_size.observe(n_crops)
             self.metrics.model_time.observe(model_s)
+        self.metrics.observe_timings(d.timings_ms for d in decisions)
         for it, decision, was_written in zip(items, decisions, written, strict=True):
             it.future.set_result(Outcome(decision, was_written))
         try:
