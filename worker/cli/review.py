@@ -142,8 +142,15 @@ def labels_export(
     out: Annotated[Path, typer.Option("--out", "-o", help="labels.parquet or labels.csv")],
     redis_url: RedisOpt = None,
     namespace: NamespaceOpt = None,
+    per_verdict: Annotated[
+        bool,
+        typer.Option("--per-verdict", help="One row per moderator verdict (for agreement studies)."),
+    ] = False,
 ) -> None:
-    """Write moderator overrides as a labels table for training (block -> 1.0, allow -> 0.0)."""
+    """Write moderator overrides as a labels table for training (block -> 1.0, allow -> 0.0).
+
+    One row per image, the latest verdict as the label, with every moderator's verdict and agreement counts.
+    """
     from worker.delivery.store import DecisionStore
     from worker.review.labels import LabelsError, override_labels, write_labels
 
@@ -151,13 +158,18 @@ def labels_export(
     if not settings.redis_url:
         raise fail("labels come from the decision store: pass --redis-url or set REDIS_URL")
     store = DecisionStore.from_url(settings.redis_url, settings.namespace)
-    df = override_labels(store)
+    df = override_labels(store, per_verdict=per_verdict)
     try:
         write_labels(df, out)
     except LabelsError as exc:
         raise fail(str(exc)) from exc
     positives = int((df["ai_score"] >= 0.5).sum()) if len(df) else 0
-    console.print(f"wrote {len(df)} labels ({positives} AI, {len(df) - positives} real) to [bold]{out}[/]")
+    what = "verdicts" if per_verdict else "labels"
+    split = int((df["n_agree"] < df["n_verdicts"]).sum()) if len(df) and not per_verdict else 0
+    disagreed = f"; {split} with moderators disagreeing" if split else ""
+    console.print(
+        f"wrote {len(df)} {what} ({positives} AI, {len(df) - positives} real{disagreed}) to [bold]{out}[/]"
+    )
 
 
 def register(app: typer.Typer, labels_app: typer.Typer) -> None:
