@@ -6,6 +6,7 @@ pages and the API on a real server then answer 409 with what changed.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -165,6 +166,15 @@ def test_search_matches_item_id_and_uri_substrings(store: DecisionStore) -> None
     assert sorted(d.event_id for d in got) == [e for e in ids if e.startswith("e1")]
     assert review_queue.page(store, QueueQuery(search="/renders/e05."), "mia").total == 1
     assert review_queue.page(store, QueueQuery(search="photos"), "mia").total == 0
+    # key=value terms match a field (or a metadata key); all terms must match
+    assert review_queue.page(store, QueueQuery(search="item_id=e03"), "mia").total == 1
+    assert review_queue.page(store, QueueQuery(search="verdict=review renders"), "mia").total == 12
+    assert review_queue.page(store, QueueQuery(search="verdict=block"), "mia").total == 0
+    assert review_queue.page(store, QueueQuery(search="uploader=bob"), "mia").total == 0
+    raw = json.loads(store.r.get(store.keys.decision(ids[0])))  # a decision that carries its event's metadata
+    store.r.set(store.keys.decision(ids[0]), json.dumps({**raw, "metadata": {"uploader": "Bob"}}))
+    got = review_queue.page(store, QueueQuery(search="uploader=bob"), "mia").items
+    assert [d.event_id for d in got] == [ids[0]]
 
 
 # --- the page and the API on a real server --------------------------------------------------------------

@@ -39,6 +39,7 @@ class Row(NamedTuple):
     source: str
     raw: str
     text: str  # lowercased item id, image URI and metadata, for substring search
+    fields: dict[str, str]  # the decision's scalar fields and its metadata, for ``key=value`` search terms
 
     @classmethod
     def parse(cls, event_id: str, raw: str) -> Row:
@@ -53,6 +54,11 @@ class Row(NamedTuple):
             source=source if isinstance(source, str) and source else uri_source(obj["image_uri"]),
             raw=raw,
             text=" ".join((obj["item_id"], obj["image_uri"], json.dumps(meta) if meta else "")).lower(),
+            fields={
+                k.lower(): str(v).lower()
+                for k, v in [*obj.items(), *(meta.items() if isinstance(meta, dict) else ())]
+                if isinstance(v, str | int | float | bool)
+            },
         )
 
 
@@ -62,7 +68,12 @@ class QueueQuery(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     sort: Sort = Sort.SCORE
-    search: str | None = Field(None, max_length=200, description="Substring of item id, URI or metadata.")
+    search: str | None = Field(
+        None,
+        max_length=200,
+        description="Space-separated terms, all must match: a substring of the item id, URI or metadata, "
+        "or key=value (a substring of that decision field or metadata key, e.g. uploader=bob).",
+    )
     source: str | None = Field(None, max_length=500)
     model_version: str | None = Field(None, max_length=200)
     since: date | None = None
@@ -71,7 +82,7 @@ class QueueQuery(BaseModel):
     limit: int = Field(50, ge=1, le=500)
 
     def keep(self, row: Row) -> bool:
-        if self.search and self.search.lower() not in row.text:
+        if self.search and not all(_matches(row, term) for term in self.search.lower().split()):
             return False
         if self.source and row.source != self.source:
             return False
@@ -88,6 +99,13 @@ class QueueQuery(BaseModel):
         data = self.model_dump(mode="json", exclude_defaults=True)
         data.update({k: v for k, v in changes.items()})
         return urlencode({k: v for k, v in data.items() if v not in (None, "")})
+
+
+def _matches(row: Row, term: str) -> bool:
+    key, eq, value = term.partition("=")
+    if eq and key:
+        return key in row.fields and value in row.fields[key]
+    return term in row.text
 
 
 class QueuePage(BaseModel):
