@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -221,3 +222,22 @@ def test_api_claims_hide_items_from_the_other_moderator(review_server: Server) -
             assert c.delete(f"/api/claims/{e}", headers=h_mia).json() == {"released": True}
         listed = c.get("/api/queue", params={"limit": 500}, headers=h_ada).json()
         assert set(ids) <= {i["decision"]["event_id"] for i in listed["items"]}
+
+
+def test_metrics_report_the_backlog_and_its_age(review_server: Server) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    store = review_server.store
+    h = {"Authorization": f"Bearer {TOKENS['mia']}"}
+    with httpx.Client(base_url=review_server.url) as c:
+        [got] = c.post("/api/claims", json={"n": 1}, headers=h).json()["claimed"]
+        r = c.get("/metrics")
+        c.delete(f"/api/claims/{got['event_id']}", headers=h)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    values = {m.name: m.samples[0].value for m in text_string_to_metric_families(r.text)}
+    rows = [review_queue.Row.parse(e, raw) for e, raw in store.review_scan()]
+    oldest = min(x.decided_at for x in rows)
+    assert values["moderation_review_queue_items"] == len(rows) == store.review_count()
+    assert values["moderation_review_claimed_items"] == 1
+    age = values["moderation_review_oldest_item_age_seconds"]
+    assert 0 < age <= (datetime.now(UTC) - oldest).total_seconds()

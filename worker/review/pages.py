@@ -7,6 +7,7 @@ from urllib.parse import parse_qsl, quote
 
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.delivery.store import OverrideConflict
 from worker.errors import ModerationError
@@ -37,6 +38,12 @@ Csrf = Annotated[str, Form(alias=CSRF_FIELD)]
 @router.get("/healthz")
 def healthz(review: Ctx) -> dict[str, bool]:
     return {"ok": bool(review.store.r.ping())}
+
+
+@router.get("/metrics")
+def metrics(review: Ctx) -> Response:
+    """The review backlog for Prometheus (counts and ages only, so it needs no sign-in, like the workers')."""
+    return Response(generate_latest(review.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/")
