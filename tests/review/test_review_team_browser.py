@@ -180,3 +180,31 @@ def test_a_stale_override_gets_a_409_that_says_what_changed(
     row = export(server, tmp_path / "labels.csv").loc[d.image_uri]
     assert row["moderators"] == "ada;mia" and (row["n_block"], row["n_allow"]) == (1, 1)
     assert row["final_verdict"] == "block" and row["ai_score"] == 1.0
+
+
+def test_bulk_actions_on_a_page_of_the_queue_check_each_rows_version(
+    browser: Any, team_server: Server
+) -> None:
+    store = team_server.store
+    ada = sign_in(browser, team_server, "ada")
+    rows = listed(ada)
+    ada.keyboard.press("x")  # the shortcut ticks the selected row; again unticks it
+    assert ada.locator(f"{ROWS}.selected input[type=checkbox]").is_checked()
+    ada.keyboard.press("x")
+    free = [e for e in rows if store.claim_of(e) is None]  # not held by anyone (mia may still act on them)
+    assert len(free) >= 3
+    first, second, third = free[:3]
+    for e in (first, second, third):
+        ada.check(f"tr[data-event='{e}'] input[type=checkbox]")
+    assert ada.locator(f"{ROWS} input[type=checkbox]:checked").count() == 3
+    v = store.version_of(third)
+    store.override(third, Verdict.BLOCK, "mia", expected_version=v)  # changes after ada's page loaded
+    ada.click("#bulk button[value=mark_real]")
+    ada.wait_for_url("**/queue*")
+    flash = ada.inner_text(".flash")
+    assert "Marked real: 2 items." in flash and "1 not saved" in flash and "mia confirmed it AI" in flash
+    for e in (first, second):
+        assert store.get(e).verdict == Verdict.ALLOW and store.audit_of(e)[-1]["moderator"] == "ada"  # type: ignore[union-attr]
+    assert store.audit_of(third)[-1]["moderator"] == "mia"
+    assert first not in listed(ada) and second not in listed(ada)
+    ada.context.close()

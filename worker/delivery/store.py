@@ -318,6 +318,12 @@ class DecisionStore:
         """A decision's version: how many overrides it has had (0: as the model decided it)."""
         return int(self.r.llen(self.keys.audit(event_id)))
 
+    def versions(self, event_ids: list[str]) -> dict[str, int]:
+        pipe = self.r.pipeline(transaction=False)
+        for e in event_ids:
+            pipe.llen(self.keys.audit(e))
+        return dict(zip(event_ids, (int(n) for n in pipe.execute()), strict=True))
+
     def get_versioned(self, event_id: str) -> tuple[Decision | None, int]:
         """The decision and its version, read together (one MULTI), for a form to send back."""
         pipe = self.r.pipeline(transaction=True)

@@ -129,6 +129,56 @@ def claim_next(
     return RedirectResponse(f"/items/{quote(got[0], safe='')}{suffix}", status_code=303)
 
 
+@router.post("/queue/bulk")
+def bulk_action(
+    request: Request,
+    review: Ctx,
+    user: PageUser,
+    action: Annotated[str, Form()],
+    items: Annotated[list[str], Form(max_length=500)],
+    q: Annotated[str, Form(max_length=2000)] = "",
+    csrf: Csrf = "",
+) -> Response:
+    """One verdict (or a release) for the rows ticked on a page of the queue; each row's checkbox carries
+    ``event_id@version``, so every override is still checked against what the moderator saw."""
+    check_post(request, review, csrf)
+    if action not in (*ACTIONS, "skip"):
+        raise HTTPException(400, f"Unknown action {action!r}.")
+    parsed: list[tuple[str, int]] = []
+    for item in items[:500]:
+        event_id, at, number = item.rpartition("@")
+        if not at or not number.isdigit():
+            raise HTTPException(422, f"items: {item!r} is not event_id@version")
+        parsed.append((event_id, int(number)))
+    store, settings = review.store, review.settings
+    saved, refused = 0, []
+    for event_id, seen in parsed:
+        if action == "skip":
+            saved += store.release([event_id], user.name)
+            continue
+        try:
+            store.override(
+                event_id,
+                ACTIONS[action],
+                user.name,
+                expected_version=seen,
+                second_review=settings.review_second_review,
+            )
+            saved += 1
+        except KeyError:
+            refused.append(f"{event_id}: no such decision")
+        except OverrideConflict as exc:
+            refused.append(f"{event_id}: {describe_conflict(exc)}")
+    label = {"confirm_ai": "Confirmed AI", "mark_real": "Marked real", "skip": "Released"}[action]
+    flash = f"{label}: {saved} item{'' if saved == 1 else 's'}."
+    if refused:
+        flash += f" {len(refused)} not saved: " + " ".join(refused)
+    request.session["flash"] = flash
+    query = parse_query(parse_qsl(q))
+    suffix = f"?{query.params()}" if query.params() else ""
+    return RedirectResponse(f"/queue{suffix}", status_code=303)
+
+
 @router.get("/find")
 def find(review: Ctx, user: PageUser, item_id: str = "") -> Response:
     decision = review.store.get_item(item_id.strip()) if item_id.strip() else None

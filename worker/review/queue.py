@@ -118,6 +118,7 @@ class QueuePage(BaseModel):
     held_by_others: int = 0  # waiting items other moderators hold
     second: dict[str, str] = {}  # shown items awaiting a second review: event_id -> first moderator
     oldest: datetime | None = None  # when the longest-waiting item entered the queue
+    versions: dict[str, int] = {}  # shown items' decision versions, for bulk actions to send back
 
 
 class View(NamedTuple):
@@ -171,6 +172,7 @@ def page(store: DecisionStore, query: QueueQuery, viewer: str | None = None) -> 
         held_by_others=sum(1 for e, c in view.claims.items() if c.moderator != viewer and e in waiting),
         second={r.event_id: view.second[r.event_id] for r in shown if r.event_id in view.second},
         oldest=min((r.decided_at for r in everything), default=None),
+        versions=store.versions([r.event_id for r in shown]),
     )
 
 

@@ -23,6 +23,11 @@
       rows[i].scrollIntoView({ block: "nearest" });
       return true;
     }
+    if (key === "x" && i >= 0) {
+      const box = rows[i].querySelector("input[type=checkbox]");
+      if (box) box.checked = !box.checked;
+      return true;
+    }
     if (key === "Enter" || key === "o") {
       window.location.assign(rows[Math.max(0, i)].dataset.href);
       return true;
@@ -61,7 +66,7 @@
 
   document.addEventListener("click", function (event) {
     const row = event.target.closest && event.target.closest("tr[data-href]");
-    if (row && !event.target.closest("a")) window.location.assign(row.dataset.href);
+    if (row && !event.target.closest("a, input, label, .c-pick")) window.location.assign(row.dataset.href);
     const help = document.getElementById("help");
     if (help && event.target === help) help.hidden = true;
   });
