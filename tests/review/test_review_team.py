@@ -241,3 +241,22 @@ def test_metrics_report_the_backlog_and_its_age(review_server: Server) -> None:
     assert values["moderation_review_claimed_items"] == 1
     age = values["moderation_review_oldest_item_age_seconds"]
     assert 0 < age <= (datetime.now(UTC) - oldest).total_seconds()
+
+
+def test_appeals_list_the_models_own_blocks_until_a_moderator_decides(store: DecisionStore) -> None:
+    from worker.review.appeals import blocked_by_model
+
+    def d(e: str, verdict: Verdict, source: str = "renders") -> Decision:
+        uri = f"file:///uploads/{source}/{e}.png"
+        return Decision(item_id=f"item-{e}", event_id=e, image_uri=uri, verdict=verdict, ai_score=0.99)
+
+    others = [d("a0", Verdict.ALLOW), d("r0", Verdict.REVIEW)]
+    store.write_many([d(f"b{i}", Verdict.BLOCK) for i in range(7)] + others)
+    page = blocked_by_model(store, limit=50, chunk=3)
+    assert [x.event_id for x in page.items] == [f"b{i}" for i in reversed(range(7))]  # newest first
+    store.override("b6", Verdict.ALLOW, "mia")  # answered: leaves the list
+    first = blocked_by_model(store, limit=4, chunk=3)
+    assert [x.event_id for x in first.items] == ["b5", "b4", "b3", "b2"] and first.older
+    rest = blocked_by_model(store, before=first.older, limit=4, chunk=3)
+    assert [x.event_id for x in rest.items] == ["b1", "b0"]
+    assert [x.event_id for x in blocked_by_model(store, search="ITEM-B3").items] == ["b3"]

@@ -475,6 +475,15 @@ class DecisionStore:
             if len(ids) < chunk:
                 return
 
+    def recent_decisions(self, count: int = 500, before: str = "+") -> list[tuple[str, str, str]]:
+        """(stream id, event_id, decision JSON) from the decisions stream, newest first; ``before`` is an
+        exclusive stream id for paging (overrides appear too, as later entries of the same event)."""
+        if before == "0-0":
+            return []
+        end = before if before == "+" else f"({before}"
+        rows = self.r.xrevrange(self.keys.decisions, end, "-", count=count)
+        return [(str(i), str(f.get("event_id", "")), str(f.get("decision", ""))) for i, f in rows]
+
     def in_review(self, event_id: str) -> bool:
         return self.r.zscore(self.keys.review, event_id) is not None
 

@@ -13,6 +13,7 @@ from worker.delivery.store import OverrideConflict
 from worker.errors import ModerationError
 from worker.records import Verdict
 from worker.review import queue as review_queue
+from worker.review.appeals import blocked_by_model
 from worker.review.auth import CSRF_FIELD, User, new_csrf_token, safe_next
 from worker.review.context import Ctx
 from worker.review.guards import PageAdmin, PageUser, check_post, session_user
@@ -177,6 +178,15 @@ def bulk_action(
     query = parse_query(parse_qsl(q))
     suffix = f"?{query.params()}" if query.params() else ""
     return RedirectResponse(f"/queue{suffix}", status_code=303)
+
+
+@router.get("/appeals", response_class=HTMLResponse)
+def appeals_page(
+    request: Request, review: Ctx, user: PageUser, before: str = "+", search: str = ""
+) -> Response:
+    """Items the model blocked by itself, newest first: where an appeal against a block is answered."""
+    result = blocked_by_model(review.store, stream_id(before), search=search.strip()[:200] or None)
+    return render(request, review, "appeals.html", {"page": result, "search": search, "before": before})
 
 
 @router.get("/find")
