@@ -35,6 +35,18 @@
     return false;
   }
 
+  // Native pixels: one image pixel per device pixel, scrolled inside the viewer; the crop boxes follow.
+  function zoom() {
+    const wrap = document.querySelector(".stage-wrap");
+    const img = document.getElementById("image");
+    const button = document.getElementById("zoom");
+    if (!wrap || !img) return false;
+    const on = wrap.classList.toggle("native");
+    img.style.width = on && img.naturalWidth ? img.naturalWidth / window.devicePixelRatio + "px" : "";
+    if (button) button.setAttribute("aria-pressed", on ? "true" : "false");
+    return true;
+  }
+
   function itemKeys(key) {
     const form = document.getElementById("actions");
     const button = form && form.querySelector(`button[data-key="${key}"]`);
@@ -46,6 +58,7 @@
     if (key === "j") { go("next"); return true; }
     if (key === "k") { go("prev"); return true; }
     if (key === "u" || key === "Escape") { go("back"); return true; }
+    if (key === "z") return zoom();
     if (key === "b") {
       const boxes = document.querySelector(".boxes");
       if (boxes) boxes.classList.toggle("hidden");
@@ -65,6 +78,7 @@
   });
 
   document.addEventListener("click", function (event) {
+    if (event.target.closest && event.target.closest("#zoom")) { zoom(); return; }
     const row = event.target.closest && event.target.closest("tr[data-href]");
     if (row && !event.target.closest("a, input, label, .c-pick")) window.location.assign(row.dataset.href);
     const help = document.getElementById("help");
