@@ -1,9 +1,14 @@
 """Every page passes axe-core (WCAG 2.1 A and AA, colour contrast included) at desktop and phone width, the
-phone layout never scrolls sideways, and the item page zooms to the image's native pixels."""
+phone layout never scrolls sideways, and the item page zooms to the image's native pixels.
+
+``REVIEW_SCREENSHOTS=docs/screenshots`` also writes the phone-width queue and item pages there.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,6 +69,11 @@ def test_every_page_is_axe_clean_and_fits_the_width(
         assert axe_violations(page) == [], path
         overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{path} scrolls sideways by {overflow} px at {page.viewport_size}"
+        shots = os.environ.get("REVIEW_SCREENSHOTS")
+        if shots and page.viewport_size == PHONE and path in ("/queue", pages[1]):
+            Path(shots).mkdir(parents=True, exist_ok=True)
+            name = "queue" if path == "/queue" else "item"
+            page.screenshot(path=str(Path(shots) / f"review-{name}-phone.png"), full_page=True)
     page.keyboard.press("?")  # the shortcuts overlay too
     assert page.locator("#help").is_visible()
     assert axe_violations(page) == []

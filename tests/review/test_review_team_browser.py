@@ -1,9 +1,13 @@
 """Two moderators in two browser contexts on one queue: claims keep them apart, a stale override is refused
 with a page that says what changed, a second review keeps both verdicts, and the audit and the labels export
-show every verdict."""
+show every verdict.
+
+``REVIEW_SCREENSHOTS=docs/screenshots`` also writes the team queue and the conflict page there.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +106,9 @@ def test_two_moderators_never_hold_the_same_item_and_a_second_review_keeps_both_
     assert mine[0] not in listed(mia)
     ada.goto(f"{team_server.url}/queue")
     assert mine[0] in listed(ada)
+    if shots := os.environ.get("REVIEW_SCREENSHOTS"):
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        ada.screenshot(path=str(Path(shots) / "review-queue-team.png"), full_page=True)
     assert "second review · blocked by mia" in ada.inner_text(f"tr[data-event='{mine[0]}']")
     ada.goto(f"{team_server.url}/items/{mine[0]}")
     assert "mia confirmed this item AI" in ada.inner_text("#second")
@@ -155,6 +162,9 @@ def test_a_stale_override_gets_a_409_that_says_what_changed(
         text = mia.inner_text("#conflict")
         assert "Not saved" in text and "ada marked it real (review → allow)" in text
         assert "version 1; your page showed version 0" in text and " UTC" in text
+        if shots := os.environ.get("REVIEW_SCREENSHOTS"):
+            Path(shots).mkdir(parents=True, exist_ok=True)
+            mia.screenshot(path=str(Path(shots) / "review-conflict.png"))
         assert store.get(target).verdict == Verdict.ALLOW  # type: ignore[union-attr]
         assert [a["moderator"] for a in store.audit_of(target)] == ["ada"]
         timeline = mia.inner_text(".timeline")
