@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,8 +38,6 @@ class Row(NamedTuple):
     model_version: str | None
     source: str
     raw: str
-    text: str  # lowercased item id, image URI and metadata, for substring search
-    fields: dict[str, str]  # the decision's scalar fields and its metadata, for ``key=value`` search terms
 
     @classmethod
     def parse(cls, event_id: str, raw: str) -> Row:
@@ -53,12 +51,6 @@ class Row(NamedTuple):
             model_version=obj.get("model_version"),
             source=source if isinstance(source, str) and source else uri_source(obj["image_uri"]),
             raw=raw,
-            text=" ".join((obj["item_id"], obj["image_uri"], json.dumps(meta) if meta else "")).lower(),
-            fields={
-                k.lower(): str(v).lower()
-                for k, v in [*obj.items(), *(meta.items() if isinstance(meta, dict) else ())]
-                if isinstance(v, str | int | float | bool)
-            },
         )
 
 
@@ -102,10 +94,19 @@ class QueueQuery(BaseModel):
 
 
 def _matches(row: Row, term: str) -> bool:
+    """One search term against a row; parses the row again (searches are rare, keeping every parsed
+    decision alive for them would slow every page)."""
+    obj = json.loads(row.raw)
+    found = obj.get("metadata")
+    meta: dict[str, Any] = found if isinstance(found, dict) else {}
     key, eq, value = term.partition("=")
     if eq and key:
-        return key in row.fields and value in row.fields[key]
-    return term in row.text
+        for k, v in [*obj.items(), *meta.items()]:
+            if k.lower() == key and isinstance(v, str | int | float | bool) and value in str(v).lower():
+                return True
+        return False
+    text = f"{obj.get('item_id', '')} {obj.get('image_uri', '')} {json.dumps(meta) if meta else ''}"
+    return term in text.lower()
 
 
 class QueuePage(BaseModel):
