@@ -260,3 +260,46 @@ def test_appeals_list_the_models_own_blocks_until_a_moderator_decides(store: Dec
     rest = blocked_by_model(store, before=first.older, limit=4, chunk=3)
     assert [x.event_id for x in rest.items] == ["b1", "b0"]
     assert [x.event_id for x in blocked_by_model(store, search="ITEM-B3").items] == ["b3"]
+
+
+def test_disable_and_remove_user_end_sessions_and_tokens_at_once(review_server: Server) -> None:
+    import re
+
+    from typer.testing import CliRunner
+
+    from worker.cli.main import app
+    from worker.review.auth import read_store
+
+    path = review_server.settings.review_users_file
+    assert path is not None
+    files = ["--users-file", str(path)]
+    add = ["review", "add-user", "zed", *files, "--password-stdin", "--token"]
+    result = CliRunner().invoke(app, add, input="zed-password-1\n")
+    assert result.exit_code == 0, result.output
+    token = result.output.strip().splitlines()[-1]
+    with httpx.Client(base_url=review_server.url, follow_redirects=False) as c:
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text)
+        assert csrf
+        form = {"username": "zed", "password": "zed-password-1", "csrf_token": csrf.group(1)}
+        assert c.post("/login", data=form, headers={"Origin": review_server.url}).status_code == 303
+        assert c.get("/queue").status_code == 200
+        h = {"Authorization": f"Bearer {token}"}
+        assert c.get("/api/me", headers=h).status_code == 200
+
+        result = CliRunner().invoke(app, ["review", "disable-user", "zed", *files])
+        assert result.exit_code == 0 and "disabled" in result.output, result.output
+        r = c.get("/queue")
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")  # the session ended
+        assert c.get("/api/me", headers=h).status_code == 401
+        again = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text)
+        assert again
+        form["csrf_token"] = again.group(1)
+        assert c.post("/login", data=form, headers={"Origin": review_server.url}).status_code == 401
+    assert "zed" in read_store(path)
+
+    result = CliRunner().invoke(app, ["review", "remove-user", "zed", *files])
+    assert result.exit_code == 0, result.output
+    assert "zed" not in read_store(path) and "mia" in read_store(path)
+    assert path.stat().st_mode & 0o077 == 0
+    result = CliRunner().invoke(app, ["review", "remove-user", "zed", *files])
+    assert result.exit_code != 0 and "no account 'zed'" in result.output

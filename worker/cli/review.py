@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -136,6 +136,69 @@ def add_user(
     if issued:
         console.print("API token (shown once; send it as 'Authorization: Bearer <token>'):")
         sys.stdout.write(issued + "\n")
+
+
+UsersFileOpt = Annotated[
+    Path | None, typer.Option("--users-file", help="User store (default: HOME/review-users.json).")
+]
+
+
+def _stored_user(name: str, users_file_opt: Path | None) -> tuple[Path, Any]:
+    """The store file and the named account in it, or a one-line error naming where it is defined."""
+    from worker.review.auth import UserStoreError, read_store
+    from worker.review.auth import users_file as default_users_file
+
+    settings = build_settings()
+    path = users_file_opt or default_users_file(settings)
+    try:
+        user = read_store(path).get(name)
+    except UserStoreError as exc:
+        raise fail(str(exc)) from exc
+    if user is None:
+        in_env = name in settings.review_users
+        where = " (it is defined in MODERATION_REVIEW_USERS: change it there)" if in_env else ""
+        raise fail(f"no account {name!r} in {path}{where}")
+    return path, user
+
+
+@review_app.command("disable-user")
+def disable_user(
+    name: Annotated[str, typer.Argument(help="The account to disable.")],
+    users_file_opt: UsersFileOpt = None,
+) -> None:
+    """Disable an account: its password and API tokens stop working and its open sessions end at once.
+
+    The account and its audit trail stay; ``add-user NAME`` gives it a new password.
+    """
+    from worker.review.auth import write_user
+
+    path, user = _stored_user(name, users_file_opt)
+    write_user(path, user.model_copy(update={"hash": "", "tokens": ()}))
+    console.print(f"disabled [bold]{name}[/] in {path}: no password, no tokens, sessions ended")
+
+
+@review_app.command("remove-user")
+def remove_user(
+    name: Annotated[str, typer.Argument(help="The account to remove.")],
+    users_file_opt: UsersFileOpt = None,
+) -> None:
+    """Remove an account from the user store (its verdicts stay in the audit log under its name)."""
+    import json
+    import os
+    import tempfile
+
+    from worker.review.auth import read_store
+
+    path, _ = _stored_user(name, users_file_opt)
+    users = read_store(path)
+    users.pop(name)
+    body = {u.name: u.model_dump(mode="json", exclude={"name"}) for u in users.values()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(body, fh, indent=2)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    console.print(f"removed [bold]{name}[/] from {path}")
 
 
 def labels_export(
