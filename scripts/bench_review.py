@@ -1,6 +1,7 @@
 """Measure what a moderator waits for: a queue page over N waiting items, and one Grad-CAM heatmap.
 
     python scripts/bench_review.py --items 1000 10000 --arch convnext_tiny --crop 224
+    python scripts/bench_review.py --items 1000 10000 --no-heatmap   # the queue only
 
 Uses a private redis-server and synthetic decisions (the queue page's cost depends on their count, not on
 the images), and a randomly initialised timm model (Grad-CAM's cost does not depend on the weights).
@@ -22,7 +23,7 @@ from worker.delivery.store import DecisionStore
 from worker.process.localredis import private_redis
 from worker.records import Box, CropScore, Decision, Thresholds, Verdict, utcnow
 from worker.review.heatmap import grad_cam
-from worker.review.queue import QueueQuery, Sort, page
+from worker.review.queue import QueueQuery, Sort, claim_next, page
 from worker.scoring.model import create_model
 
 
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--arch", default="convnext_tiny")
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--no-heatmap", action="store_true", help="Skip the Grad-CAM measurement.")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp, private_redis(Path(tmp) / "redis") as url:
@@ -74,6 +76,25 @@ def main() -> None:
             print(
                 f"queue page, {n} waiting: by score {by_score:.0f} ms; oldest + source filter {by_age:.0f} ms"
             )
+            # a team at work: 8 moderators holding 10 claims each; one moderator's view, a search, a claim
+            for m in range(8):
+                claim_next(store, QueueQuery(), f"mod{m}", 10, 3600)
+            seen = median_ms(lambda s=store: page(s, QueueQuery(), "mod0"), args.repeat)  # type: ignore[misc]
+            found = median_ms(
+                lambda s=store: page(s, QueueQuery(search="uploads-2 item-1"), "mod0"),  # type: ignore[misc]
+                args.repeat,
+            )
+            claim = median_ms(
+                lambda s=store: claim_next(s, QueueQuery(), "mod9", 10, 1),  # type: ignore[misc]
+                args.repeat,
+            )
+            print(
+                f"queue page, {n} waiting, 80 claimed: one moderator's view {seen:.0f} ms; "
+                f"search {found:.0f} ms; claim next 10 {claim:.0f} ms"
+            )
+
+    if args.no_heatmap:
+        return
 
     torch.manual_seed(0)
     model = create_model(args.arch).eval().requires_grad_(False)

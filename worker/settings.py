@@ -190,6 +190,18 @@ class Settings(BaseSettings):
         "stream's MAXLEN bounds it (docs/archive.md, memory sizing).",
     )
 
+    # --- review page: team work (claims, second review, queue age) -------------------------------------
+    review_claim_lease_s: float = Field(
+        900.0, gt=0, description="How long a moderator's claim on a queued item lasts before it returns."
+    )
+    review_claim_batch: int = Field(10, ge=1, le=200, description="Items 'Claim next' takes at once.")
+    review_second_review: bool = Field(
+        False, description="A first moderator's block of a queued item waits for a second moderator."
+    )
+    review_sla_s: float = Field(
+        4 * 3600.0, gt=0, description="Queue age past which a row is flagged overdue (amber from half of it)."
+    )
+
     def resolved_device(self) -> str:
         """The torch device to use; a CUDA device this host does not have is a :class:`DeviceUnavailable`."""
         import torch

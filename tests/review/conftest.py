@@ -12,8 +12,10 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -163,10 +165,9 @@ class Server:
         return f"{self.url}/login"
 
 
-@pytest.fixture(scope="module")
-def review_server(decided: Decided) -> Iterator[Server]:
-    """The app on a real uvicorn server in a thread: ``mia`` (moderator, user store file) and ``ada``
-    (admin, from the settings JSON), each with a password and an API token."""
+def page_settings(decided: Decided, **changes: object) -> Settings:
+    """The page's settings: ``mia`` (moderator, user store file) and ``ada`` (admin, from the settings JSON),
+    each with a password and an API token."""
     settings = decided.settings.model_copy(
         update={
             "review_users": {
@@ -177,10 +178,17 @@ def review_server(decided: Decided) -> Iterator[Server]:
                 }
             },
             "review_users_file": decided.settings.home / "users.json",
+            **changes,
         }
     )
     mia = User(name="mia", hash=hash_password(PASSWORDS["mia"]), tokens=(token_digest(TOKENS["mia"]),))
     write_user(decided.settings.home / "users.json", mia)
+    return settings
+
+
+@contextmanager
+def serving(decided: Decided, settings: Settings) -> Iterator[Server]:
+    """The app on a real uvicorn server in a thread."""
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
@@ -192,6 +200,45 @@ def review_server(decided: Decided) -> Iterator[Server]:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("review server did not start")
         time.sleep(0.02)
-    yield Server(f"http://127.0.0.1:{port}", settings, decided.store, decided)
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield Server(f"http://127.0.0.1:{port}", settings, decided.store, decided)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def review_server(decided: Decided) -> Iterator[Server]:
+    with serving(decided, page_settings(decided)) as server:
+        yield server
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is not installed; scripts/test installs it")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+def loaded(page: Any, selector: str) -> int:
+    """Wait until an <img> finished loading and return its naturalWidth (0 means it failed)."""
+    page.wait_for_function(
+        "s => { const i = document.querySelector(s); return i && i.complete; }", arg=selector, timeout=30_000
+    )
+    return int(page.eval_on_selector(selector, "i => i.naturalWidth"))

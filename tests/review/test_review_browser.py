@@ -7,7 +7,6 @@ Set ``REVIEW_SCREENSHOTS=docs/screenshots`` to also write the queue and item pag
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,40 +14,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from tests.review.conftest import CROP, PASSWORDS, Server
+from tests.review.conftest import CROP, PASSWORDS, Server, loaded
 from worker.records import Decision, Verdict
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.fail("Debian's chromium is not installed; scripts/test installs it")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
-        yield b
-        b.close()
-
-
-def loaded(page: Any, selector: str) -> int:
-    """Wait until an <img> finished loading and return its naturalWidth (0 means it failed)."""
-    page.wait_for_function(
-        "s => { const i = document.querySelector(s); return i && i.complete; }", arg=selector, timeout=30_000
-    )
-    return int(page.eval_on_selector(selector, "i => i.naturalWidth"))
 
 
 def test_moderator_signs_in_reviews_and_overrides_with_a_shortcut(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from worker.review.media import image_source
 pytestmark = pytest.mark.integration
 
 
-def export(decided: Decided, out: Path) -> tuple[int, str]:
+def export(decided: Decided, out: Path, *extra: str) -> tuple[int, str]:
     s = decided.settings
     args = [
         "labels",
@@ -33,6 +34,7 @@ def export(decided: Decided, out: Path) -> tuple[int, str]:
         s.redis_url or "",
         "--namespace",
         s.namespace,
+        *extra,
     ]
     result = CliRunner().invoke(app, args)
     return result.exit_code, result.output
@@ -48,7 +50,7 @@ def test_labels_export_writes_the_latest_override_per_image(decided: Decided, tm
 
     code, output = export(decided, tmp_path / "labels.csv")
     assert code == 0, output
-    assert "3 labels (1 AI, 2 real)" in output
+    assert "3 labels (1 AI, 2 real; 1 with moderators disagreeing)" in output
     csv = pd.read_csv(tmp_path / "labels.csv").set_index("image_uri")
     assert set(csv.index) == {a.image_uri, b.image_uri, c.image_uri}
     assert untouched.image_uri not in csv.index
@@ -58,6 +60,21 @@ def test_labels_export_writes_the_latest_override_per_image(decided: Decided, tm
     assert csv.loc[c.image_uri, "ai_score"] == 0.0 and csv.loc[c.image_uri, "previous_verdict"] == "block"
     assert csv.loc[a.image_uri, "source"] == image_source(a) and csv.loc[a.image_uri, "group"] == a.item_id
     assert csv.loc[a.image_uri, "model_score"] == pytest.approx(a.ai_score)
+    # every verdict stays: c was blocked by mia, then marked real by ada (the final label)
+    assert csv.loc[c.image_uri, ["n_verdicts", "n_block", "n_allow", "n_agree"]].tolist() == [2, 1, 1, 1]
+    assert csv.loc[c.image_uri, "moderators"] == "mia;ada"
+    assert csv.loc[c.image_uri, "final_verdict"] == "allow"
+    votes = json.loads(csv.loc[c.image_uri, "verdicts"])
+    assert [(v["moderator"], v["verdict"]) for v in votes] == [("mia", "block"), ("ada", "allow")]
+    assert votes[1]["note"] == "second look" and all(v["at"] for v in votes)
+    assert csv.loc[a.image_uri, ["n_verdicts", "n_agree"]].tolist() == [1, 1]
+
+    code, output = export(decided, tmp_path / "verdicts.csv", "--per-verdict")
+    assert code == 0 and "4 verdicts" in output, output
+    long = pd.read_csv(tmp_path / "verdicts.csv")
+    rows_c = long[long["image_uri"] == c.image_uri]
+    assert rows_c["moderator"].tolist() == ["mia", "ada"] and rows_c["ai_score"].tolist() == [1.0, 0.0]
+    assert (rows_c["final_label"] == 0.0).all() and (rows_c["final_verdict"] == "allow").all()
     assert csv.loc[a.image_uri, "model_version"] == a.model_version
 
     code, output = export(decided, tmp_path / "labels.parquet")

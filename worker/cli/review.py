@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -152,12 +152,82 @@ def add_user(
         sys.stdout.write(issued + "\n")
 
 
+UsersFileOpt = Annotated[
+    Path | None, typer.Option("--users-file", help="User store (default: HOME/review-users.json).")
+]
+
+
+def _stored_user(name: str, users_file_opt: Path | None) -> tuple[Path, Any]:
+    """The store file and the named account in it, or a one-line error naming where it is defined."""
+    from worker.review.auth import UserStoreError, read_store
+    from worker.review.auth import users_file as default_users_file
+
+    settings = build_settings()
+    path = users_file_opt or default_users_file(settings)
+    try:
+        user = read_store(path).get(name)
+    except UserStoreError as exc:
+        raise fail(str(exc)) from exc
+    if user is None:
+        in_env = name in settings.review_users
+        where = " (it is defined in MODERATION_REVIEW_USERS: change it there)" if in_env else ""
+        raise fail(f"no account {name!r} in {path}{where}")
+    return path, user
+
+
+@review_app.command("disable-user")
+def disable_user(
+    name: Annotated[str, typer.Argument(help="The account to disable.")],
+    users_file_opt: UsersFileOpt = None,
+) -> None:
+    """Disable an account: its password and API tokens stop working and its open sessions end at once.
+
+    The account and its audit trail stay; ``add-user NAME`` gives it a new password.
+    """
+    from worker.review.auth import write_user
+
+    path, user = _stored_user(name, users_file_opt)
+    write_user(path, user.model_copy(update={"hash": "", "tokens": ()}))
+    console.print(f"disabled [bold]{name}[/] in {path}: no password, no tokens, sessions ended")
+
+
+@review_app.command("remove-user")
+def remove_user(
+    name: Annotated[str, typer.Argument(help="The account to remove.")],
+    users_file_opt: UsersFileOpt = None,
+) -> None:
+    """Remove an account from the user store (its verdicts stay in the audit log under its name)."""
+    import json
+    import os
+    import tempfile
+
+    from worker.review.auth import read_store
+
+    path, _ = _stored_user(name, users_file_opt)
+    users = read_store(path)
+    users.pop(name)
+    body = {u.name: u.model_dump(mode="json", exclude={"name"}) for u in users.values()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(body, fh, indent=2)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    console.print(f"removed [bold]{name}[/] from {path}")
+
+
 def labels_export(
     out: Annotated[Path, typer.Option("--out", "-o", help="labels.parquet or labels.csv")],
     redis_url: RedisOpt = None,
     namespace: NamespaceOpt = None,
+    per_verdict: Annotated[
+        bool,
+        typer.Option("--per-verdict", help="One row per moderator verdict (for agreement studies)."),
+    ] = False,
 ) -> None:
-    """Write moderator overrides as a labels table for training (block -> 1.0, allow -> 0.0)."""
+    """Write moderator overrides as a labels table for training (block -> 1.0, allow -> 0.0).
+
+    One row per image, the latest verdict as the label, with every moderator's verdict and agreement counts.
+    """
     from worker.delivery.store import DecisionStore
     from worker.review.labels import LabelsError, override_labels, write_labels
 
@@ -165,13 +235,18 @@ def labels_export(
     if not settings.redis_url:
         raise fail("labels come from the decision store: pass --redis-url or set REDIS_URL")
     store = DecisionStore.from_url(settings.redis_url, settings.namespace)
-    df = override_labels(store)
+    df = override_labels(store, per_verdict=per_verdict)
     try:
         write_labels(df, out)
     except LabelsError as exc:
         raise fail(str(exc)) from exc
     positives = int((df["ai_score"] >= 0.5).sum()) if len(df) else 0
-    console.print(f"wrote {len(df)} labels ({positives} AI, {len(df) - positives} real) to [bold]{out}[/]")
+    what = "verdicts" if per_verdict else "labels"
+    split = int((df["n_agree"] < df["n_verdicts"]).sum()) if len(df) and not per_verdict else 0
+    disagreed = f"; {split} with moderators disagreeing" if split else ""
+    console.print(
+        f"wrote {len(df)} {what} ({positives} AI, {len(df) - positives} real{disagreed}) to [bold]{out}[/]"
+    )
 
 
 def register(app: typer.Typer, labels_app: typer.Typer) -> None:

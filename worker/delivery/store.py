@@ -7,6 +7,8 @@ Keys (``ns`` = settings.namespace)::
     {ns}:audit:{event_id}      list: one event's override audit entries (copies from {ns}:overrides)
     {ns}:decisions             stream: one entry per decision or override, for the upload pipeline
     {ns}:review                sorted set of event_ids awaiting a moderator, by ai_score (highest first)
+    {ns}:claims                hash: event_id -> "moderator<TAB>lease end (Redis ms)" of claimed queue items
+    {ns}:second                hash: event_id -> first moderator, for blocked items awaiting a second review
     {ns}:overrides             stream: append-only audit log of moderator actions
     {ns}:deadletter            stream: events that could not be decided, with the reason
     {ns}:deliveries:{event_id} deliveries of an undecided event (bounded redelivery); deleted once decided
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -59,6 +62,14 @@ class Keys:
         return f"{self.ns}:overrides"
 
     @property
+    def claims(self) -> str:
+        return f"{self.ns}:claims"
+
+    @property
+    def second(self) -> str:
+        return f"{self.ns}:second"
+
+    @property
     def deadletter(self) -> str:
         return f"{self.ns}:deadletter"
 
@@ -91,11 +102,130 @@ return 0
 """
 
 
+# A claim value is "moderator<TAB>expiry in Redis milliseconds"; a lease past its expiry holds nothing.
+_HOLDER = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function holder(value, now)
+  if not value then return nil, nil end
+  local sep = string.find(value, '\t', 1, true)
+  if not sep then return nil, nil end
+  local expiry = tonumber(string.sub(value, sep + 1))
+  if not expiry or expiry <= now then return nil, nil end
+  return string.sub(value, 1, sep - 1), string.sub(value, sep + 1)
+end
+"""
+
+_CLAIM = (
+    _HOLDER
+    + """
+local now = now_ms()
+local who, n = ARGV[1], tonumber(ARGV[3])
+local value = who .. '\t' .. string.format('%d', now + tonumber(ARGV[2]))
+local out = {}
+for i = 4, #ARGV do
+  if #out >= n then break end
+  local eid = ARGV[i]
+  if redis.call('ZSCORE', KEYS[1], eid) and redis.call('HGET', KEYS[3], eid) ~= who then
+    local h = holder(redis.call('HGET', KEYS[2], eid), now)
+    if h == nil or h == who then
+      redis.call('HSET', KEYS[2], eid, value)
+      out[#out + 1] = eid
+    end
+  end
+end
+return out
+"""
+)
+
+_RELEASE = """
+local n = 0
+local prefix = ARGV[1] .. '\t'
+for i = 2, #ARGV do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if v and string.sub(v, 1, #prefix) == prefix then n = n + redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+return n
+"""
+
+# Compare-and-set on the version (the length of the event's audit list), then the same writes as ever.
+_OVERRIDE = (
+    _HOLDER
+    + """
+local eid, who = ARGV[2], ARGV[4]
+local v = redis.call('LLEN', KEYS[3])
+if v ~= tonumber(ARGV[3]) then return {'stale', tostring(v)} end
+local h, expiry = holder(redis.call('HGET', KEYS[6], eid), now_ms())
+if h and h ~= who then return {'claimed', h, expiry} end
+local first = redis.call('HGET', KEYS[7], eid)
+if first == who then return {'second', first} end
+redis.call('SET', KEYS[1], ARGV[1])
+local fields = {}
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('RPUSH', KEYS[3], ARGV[7])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event_id', eid, 'decision', ARGV[1])
+redis.call('HDEL', KEYS[6], eid)
+if ARGV[6] == '1' and v == 0 and not first and redis.call('ZSCORE', KEYS[5], eid) then
+  redis.call('HSET', KEYS[7], eid, who)
+else
+  redis.call('ZREM', KEYS[5], eid)
+  redis.call('HDEL', KEYS[7], eid)
+end
+return {'ok'}
+"""
+)
+
+
+@dataclass(frozen=True)
+class Claim:
+    moderator: str
+    until: datetime
+
+
+def _ms(value: object) -> datetime:
+    return datetime.fromtimestamp(int(str(value)) / 1000, UTC)
+
+
+class OverrideConflict(Exception):
+    """An override the store refused; the caller shows why (a 409 on the page and the API)."""
+
+    def __init__(self, event_id: str, message: str) -> None:
+        super().__init__(message)
+        self.event_id = event_id
+
+
+class StaleDecision(OverrideConflict):
+    """The decision changed since the version the moderator saw; ``last`` is the audit entry that did it."""
+
+    def __init__(self, current: Decision, version: int, expected: int, last: dict[str, str] | None) -> None:
+        who = f" by {last.get('moderator')}" if last else ""
+        super().__init__(current.event_id, f"decision changed{who} (version {expected} -> {version})")
+        self.current, self.version, self.expected, self.last = current, version, expected, last
+
+
+class ClaimedByOther(OverrideConflict):
+    def __init__(self, event_id: str, moderator: str, until: datetime) -> None:
+        super().__init__(event_id, f"claimed by {moderator} until {until.isoformat()}")
+        self.moderator, self.until = moderator, until
+
+
+class SecondReviewPending(OverrideConflict):
+    def __init__(self, event_id: str, first: str) -> None:
+        super().__init__(event_id, f"{first} gave the first verdict; a second moderator must review it")
+        self.first = first
+
+
 class DecisionStore:
     def __init__(self, client: redis.Redis, namespace: str = "moderation") -> None:
         self.r: Any = client  # redis-py's stubs type stream replies too loosely to be useful
         self.keys = Keys(namespace)
         self._write_once = client.register_script(_WRITE_ONCE)
+        self._override = client.register_script(_OVERRIDE)
+        self._claim = client.register_script(_CLAIM)
+        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "moderation") -> DecisionStore:
@@ -184,41 +314,149 @@ class DecisionStore:
         return [(str(i), dict(f)) for i, f in self.r.xrange(self.keys.deadletter, count=count)]
 
     # --- writes by moderators ----------------------------------------------------------------------
-    def override(self, event_id: str, verdict: Verdict, moderator: str, note: str = "") -> Decision:
-        """Replace a decision's verdict, audit it, publish it and take the item off the review queue."""
-        current = self.get(event_id)
-        if current is None:
-            raise KeyError(event_id)
-        updated = current.model_copy(
-            update={"verdict": verdict, "source": f"moderator:{moderator}", "decided_at": utcnow()}
-        )
-        audit = {
-            "event_id": event_id,
-            "item_id": current.item_id,
-            "image_uri": current.image_uri,
-            "moderator": moderator,
-            "previous_verdict": current.verdict.value,
-            "verdict": verdict.value,
-            "ai_score": "" if current.ai_score is None else repr(current.ai_score),
-            "model_version": current.model_version or "",
-            "previous_source": current.source,
-            "previous_decided_at": current.decided_at.isoformat(),
-            "note": note[:2000],
-            "at": utcnow().isoformat(),
-        }
+    def version_of(self, event_id: str) -> int:
+        """A decision's version: how many overrides it has had (0: as the model decided it)."""
+        return int(self.r.llen(self.keys.audit(event_id)))
+
+    def versions(self, event_ids: list[str]) -> dict[str, int]:
+        pipe = self.r.pipeline(transaction=False)
+        for e in event_ids:
+            pipe.llen(self.keys.audit(e))
+        return dict(zip(event_ids, (int(n) for n in pipe.execute()), strict=True))
+
+    def get_versioned(self, event_id: str) -> tuple[Decision | None, int]:
+        """The decision and its version, read together (one MULTI), for a form to send back."""
         pipe = self.r.pipeline(transaction=True)
-        pipe.set(self.keys.decision(event_id), updated.to_json())
-        pipe.xadd(self.keys.overrides, audit)
-        pipe.rpush(self.keys.audit(event_id), json.dumps(audit))
-        pipe.xadd(
-            self.keys.decisions,
-            {"event_id": event_id, "decision": updated.to_json()},
-            maxlen=STREAM_MAXLEN,
-            approximate=True,
-        )
-        pipe.zrem(self.keys.review, event_id)
-        pipe.execute()
-        return updated
+        pipe.get(self.keys.decision(event_id))
+        pipe.llen(self.keys.audit(event_id))
+        raw, version = pipe.execute()
+        return (None if raw is None else Decision.from_json(raw)), int(version)
+
+    def override(
+        self,
+        event_id: str,
+        verdict: Verdict,
+        moderator: str,
+        note: str = "",
+        *,
+        expected_version: int | None = None,
+        second_review: bool = False,
+    ) -> Decision:
+        """Replace a decision's verdict, audit it, publish it and take the item off the review queue.
+
+        A compare-and-set on the decision's version, in one Lua script: with ``expected_version`` (what the
+        moderator's page showed) a decision that changed since is refused with :class:`StaleDecision`;
+        without it the override applies to the version read here, so a concurrent override is never lost
+        silently either. An item another moderator holds a live claim on is refused
+        (:class:`ClaimedByOther`). With ``second_review``, a first moderator's ``block`` of a queued item
+        keeps it queued for a different moderator (:class:`SecondReviewPending` for the same one).
+        """
+        current: Decision | None = None
+        expected = 0
+        for _ in range(3 if expected_version is None else 1):
+            current, version = self.get_versioned(event_id)
+            if current is None:
+                raise KeyError(event_id)
+            expected = version if expected_version is None else expected_version
+            if version != expected:
+                raise StaleDecision(current, version, expected, self._last_audit(event_id))
+            updated = current.model_copy(
+                update={"verdict": verdict, "source": f"moderator:{moderator}", "decided_at": utcnow()}
+            )
+            audit = {
+                "event_id": event_id,
+                "item_id": current.item_id,
+                "image_uri": current.image_uri,
+                "moderator": moderator,
+                "previous_verdict": current.verdict.value,
+                "verdict": verdict.value,
+                "ai_score": "" if current.ai_score is None else repr(current.ai_score),
+                "model_version": current.model_version or "",
+                "previous_source": current.source,
+                "previous_decided_at": current.decided_at.isoformat(),
+                "note": note[:2000],
+                "at": utcnow().isoformat(),
+                "version": str(expected + 1),
+            }
+            keys = [
+                self.keys.decision(event_id),
+                self.keys.overrides,
+                self.keys.audit(event_id),
+                self.keys.decisions,
+                self.keys.review,
+                self.keys.claims,
+                self.keys.second,
+            ]
+            wait = "1" if second_review and verdict == Verdict.BLOCK else "0"
+            flat = [x for kv in audit.items() for x in kv]
+            args: list[str | int] = [
+                updated.to_json(),
+                event_id,
+                expected,
+                moderator,
+                STREAM_MAXLEN,
+                wait,
+                json.dumps(audit),
+            ]
+            status, *rest = self._override(keys=keys, args=[*args, *flat])
+            if status == "ok":
+                return updated
+            if status == "claimed":
+                raise ClaimedByOther(event_id, str(rest[0]), _ms(rest[1]))
+            if status == "second":
+                raise SecondReviewPending(event_id, str(rest[0]))
+            if expected_version is not None:
+                fresh, now = self.get_versioned(event_id)
+                raise StaleDecision(fresh or current, now, expected, self._last_audit(event_id))
+        assert current is not None  # the loop ran at least once
+        raise StaleDecision(current, self.version_of(event_id), expected, self._last_audit(event_id))
+
+    def _last_audit(self, event_id: str) -> dict[str, str] | None:
+        raw = self.r.lindex(self.keys.audit(event_id), -1)
+        return None if raw is None else dict(json.loads(raw))
+
+    # --- claims: who is reviewing which queued item -------------------------------------------------
+    def claim(self, event_ids: Iterable[str], moderator: str, n: int, lease_s: float) -> list[str]:
+        """Claim up to ``n`` of ``event_ids`` (in that order) for ``moderator`` for ``lease_s`` seconds.
+
+        Atomic (one Lua script): an id is taken only if it is still queued, not held by another moderator's
+        live lease and not waiting for this moderator's own second review; ids this moderator already holds
+        are renewed and count towards ``n``. Returns the ids now held, in order.
+        """
+        ids = list(event_ids)
+        if not ids or n <= 0:
+            return []
+        keys = [self.keys.review, self.keys.claims, self.keys.second]
+        got = self._claim(keys=keys, args=[moderator, max(1, int(lease_s * 1000)), n, *ids])
+        return [str(e) for e in got]
+
+    def release(self, event_ids: Iterable[str], moderator: str) -> int:
+        """Give back this moderator's claims on ``event_ids`` (a skip); others' claims stay."""
+        ids = list(event_ids)
+        if not ids:
+            return 0
+        return int(self._release(keys=[self.keys.claims], args=[moderator, *ids]))
+
+    def claims(self) -> dict[str, Claim]:
+        """Live claims (expired leases are left out: their items are back in the queue)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.time()
+        pipe.hgetall(self.keys.claims)
+        (sec, usec), raw = pipe.execute()
+        now = int(sec) * 1000 + int(usec) // 1000
+        out = {}
+        for event_id, value in raw.items():
+            who, _, until = str(value).partition("\t")
+            if until.isdigit() and int(until) > now:
+                out[str(event_id)] = Claim(who, _ms(until))
+        return out
+
+    def claim_of(self, event_id: str) -> Claim | None:
+        return self.claims().get(event_id)
+
+    def second_reviews(self) -> dict[str, str]:
+        """Blocked items waiting for a second moderator: event_id -> the first moderator."""
+        return {str(k): str(v) for k, v in self.r.hgetall(self.keys.second).items()}
 
     def overrides(self, count: int | None = None) -> list[dict[str, str]]:
         return [dict(f) for _, f in self.r.xrange(self.keys.overrides, count=count)]
@@ -236,6 +474,15 @@ class DecisionStore:
                 yield from ((e, str(raw)) for e, raw in zip(ids, raws, strict=True) if raw is not None)
             if len(ids) < chunk:
                 return
+
+    def recent_decisions(self, count: int = 500, before: str = "+") -> list[tuple[str, str, str]]:
+        """(stream id, event_id, decision JSON) from the decisions stream, newest first; ``before`` is an
+        exclusive stream id for paging (overrides appear too, as later entries of the same event)."""
+        if before == "0-0":
+            return []
+        end = before if before == "+" else f"({before}"
+        rows = self.r.xrevrange(self.keys.decisions, end, "-", count=count)
+        return [(str(i), str(f.get("event_id", "")), str(f.get("decision", ""))) for i, f in rows]
 
     def in_review(self, event_id: str) -> bool:
         return self.r.zscore(self.keys.review, event_id) is not None

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.templating import Jinja2Templates
+from prometheus_client import CollectorRegistry
 
 from worker.delivery.store import DecisionStore
 from worker.media.fetch import Fetcher
@@ -30,9 +31,11 @@ class Review:
     templates: Jinja2Templates
     thumbs: LRU[bytes] = field(default_factory=lambda: LRU(256))
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     @classmethod
     def build(cls, settings: Settings, store: DecisionStore) -> Review:
+        from worker.review.metrics import backlog_registry
         from worker.review.views import make_templates
 
         images = Images(Fetcher(settings))
@@ -44,6 +47,7 @@ class Review:
             heatmaps=Heatmaps(settings, images),
             templates=make_templates(HERE / "templates"),
             thumbs=LRU(settings.review_cache_items),
+            metrics=backlog_registry(store),
         )
 
     def decision_or_404(self, event_id: str) -> Decision:

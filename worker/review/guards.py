@@ -25,8 +25,11 @@ class LoginRequired(Exception):
 
 
 def session_user(request: Request, review: Review) -> User | None:
+    """The signed-in user, re-read on every request: a session ends as soon as its account is removed or
+    loses its password (``moderation review disable-user``)."""
     name = request.session.get("user")
-    return review.directory.get(name) if isinstance(name, str) else None
+    user = review.directory.get(name) if isinstance(name, str) else None
+    return user if user is not None and user.hash else None
 
 
 def csrf_token(request: Request) -> str:

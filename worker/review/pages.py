@@ -7,16 +7,28 @@ from urllib.parse import parse_qsl, quote
 
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from worker.delivery.store import OverrideConflict
 from worker.errors import ModerationError
 from worker.records import Verdict
 from worker.review import queue as review_queue
-from worker.review.auth import CSRF_FIELD, new_csrf_token, safe_next
+from worker.review.appeals import blocked_by_model
+from worker.review.auth import CSRF_FIELD, User, new_csrf_token, safe_next
 from worker.review.context import Ctx
 from worker.review.guards import PageAdmin, PageUser, check_post, session_user
 from worker.review.heatmap import HeatmapUnavailable
 from worker.review.media import crop_size_of, display_size, encode, thumbnail
-from worker.review.views import IMAGE_CACHE, heatmap_response, history, parse_query, render, stream_id
+from worker.review.queue import QueueQuery
+from worker.review.views import (
+    IMAGE_CACHE,
+    describe_conflict,
+    heatmap_response,
+    history,
+    parse_query,
+    render,
+    stream_id,
+)
 
 router = APIRouter(include_in_schema=False)
 
@@ -27,6 +39,12 @@ Csrf = Annotated[str, Form(alias=CSRF_FIELD)]
 @router.get("/healthz")
 def healthz(review: Ctx) -> dict[str, bool]:
     return {"ok": bool(review.store.r.ping())}
+
+
+@router.get("/metrics")
+def metrics(review: Ctx) -> Response:
+    """The review backlog for Prometheus (counts and ages only, so it needs no sign-in, like the workers')."""
+    return Response(generate_latest(review.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/")
@@ -83,8 +101,92 @@ def logout(request: Request, review: Ctx, csrf: Csrf = "") -> Response:
 @router.get("/queue", response_class=HTMLResponse)
 def queue_page(request: Request, review: Ctx, user: PageUser) -> Response:
     query = parse_query(list(request.query_params.multi_items()))
-    result = review_queue.page(review.store, query)
-    return render(request, review, "queue.html", {"q": query, "page": result, "Sort": review_queue.Sort})
+    result = review_queue.page(review.store, query, user.name)
+    ctx = {"q": query, "page": result, "Sort": review_queue.Sort, "batch": review.settings.review_claim_batch}
+    return render(request, review, "queue.html", ctx)
+
+
+@router.post("/queue/claim")
+def claim_next(
+    request: Request,
+    review: Ctx,
+    user: PageUser,
+    q: Annotated[str, Form(max_length=2000)] = "",
+    csrf: Csrf = "",
+) -> Response:
+    """Hold the next items of the moderator's current order (others stop seeing them), open the first."""
+    check_post(request, review, csrf)
+    query = parse_query(parse_qsl(q))
+    settings = review.settings
+    got = review_queue.claim_next(
+        review.store, query, user.name, settings.review_claim_batch, settings.review_claim_lease_s
+    )
+    suffix = f"?{query.params(offset=None)}" if query.params(offset=None) else ""
+    if not got:
+        request.session["flash"] = "Nothing left to claim: every waiting item is taken or done."
+        return RedirectResponse(f"/queue{suffix}", status_code=303)
+    minutes = round(settings.review_claim_lease_s / 60)
+    request.session["flash"] = f"You hold {len(got)} item{'' if len(got) == 1 else 's'} for {minutes} min."
+    return RedirectResponse(f"/items/{quote(got[0], safe='')}{suffix}", status_code=303)
+
+
+@router.post("/queue/bulk")
+def bulk_action(
+    request: Request,
+    review: Ctx,
+    user: PageUser,
+    action: Annotated[str, Form()],
+    items: Annotated[list[str], Form(max_length=500)],
+    q: Annotated[str, Form(max_length=2000)] = "",
+    csrf: Csrf = "",
+) -> Response:
+    """One verdict (or a release) for the rows ticked on a page of the queue; each row's checkbox carries
+    ``event_id@version``, so every override is still checked against what the moderator saw."""
+    check_post(request, review, csrf)
+    if action not in (*ACTIONS, "skip"):
+        raise HTTPException(400, f"Unknown action {action!r}.")
+    parsed: list[tuple[str, int]] = []
+    for item in items[:500]:
+        event_id, at, number = item.rpartition("@")
+        if not at or not number.isdigit():
+            raise HTTPException(422, f"items: {item!r} is not event_id@version")
+        parsed.append((event_id, int(number)))
+    store, settings = review.store, review.settings
+    saved, refused = 0, []
+    for event_id, seen in parsed:
+        if action == "skip":
+            saved += store.release([event_id], user.name)
+            continue
+        try:
+            store.override(
+                event_id,
+                ACTIONS[action],
+                user.name,
+                expected_version=seen,
+                second_review=settings.review_second_review,
+            )
+            saved += 1
+        except KeyError:
+            refused.append(f"{event_id}: no such decision")
+        except OverrideConflict as exc:
+            refused.append(f"{event_id}: {describe_conflict(exc)}")
+    label = {"confirm_ai": "Confirmed AI", "mark_real": "Marked real", "skip": "Released"}[action]
+    flash = f"{label}: {saved} item{'' if saved == 1 else 's'}."
+    if refused:
+        flash += f" {len(refused)} not saved: " + " ".join(refused)
+    request.session["flash"] = flash
+    query = parse_query(parse_qsl(q))
+    suffix = f"?{query.params()}" if query.params() else ""
+    return RedirectResponse(f"/queue{suffix}", status_code=303)
+
+
+@router.get("/appeals", response_class=HTMLResponse)
+def appeals_page(
+    request: Request, review: Ctx, user: PageUser, before: str = "+", search: str = ""
+) -> Response:
+    """Items the model blocked by itself, newest first: where an appeal against a block is answered."""
+    result = blocked_by_model(review.store, stream_id(before), search=search.strip()[:200] or None)
+    return render(request, review, "appeals.html", {"page": result, "search": search, "before": before})
 
 
 @router.get("/find")
@@ -95,28 +197,45 @@ def find(review: Ctx, user: PageUser, item_id: str = "") -> Response:
     return RedirectResponse(f"/items/{quote(decision.event_id, safe='')}", status_code=303)
 
 
-@router.get("/items/{event_id}", response_class=HTMLResponse)
-def item_page(request: Request, event_id: str, review: Ctx, user: PageUser) -> Response:
-    decision = review.decision_or_404(event_id)
-    query = parse_query(list(request.query_params.multi_items()))
-    prev_id, next_id = review_queue.neighbours(review.store, query, event_id)
+def item_context(review: Ctx, user: User, event_id: str, query: QueueQuery) -> dict[str, object]:
+    """Everything the item page shows; opening a queued item claims it for the viewer if it is free."""
+    store = review.store
+    in_review = store.in_review(event_id)
+    if in_review:
+        store.claim([event_id], user.name, 1, review.settings.review_claim_lease_s)
+    decision, version = store.get_versioned(event_id)
+    if decision is None:
+        raise HTTPException(404, f"No decision for event {event_id!r}.")
+    prev_id, next_id = review_queue.neighbours(store, query, event_id, user.name)
     size = display_size(decision.image_size, crop_size_of(decision)) if decision.image_size else None
     try:
         heat_uri, heat_exact = review.heatmaps.checkpoint_uri(decision)
         heat_note = None if heat_exact else f"explained by the configured checkpoint {heat_uri}"
     except HeatmapUnavailable as exc:
         heat_note = str(exc)
-    ctx = {
+    claim = store.claim_of(event_id) if in_review else None
+    first = store.second_reviews().get(event_id) if in_review else None
+    return {
         "d": decision,
+        "version": version,
         "q": query,
         "prev_id": prev_id,
         "next_id": next_id,
         "size": size,
-        "in_review": review.store.in_review(event_id),
-        "history": history(decision, review.store.audit_of(event_id)),
+        "in_review": in_review,
+        "claim": claim,
+        "held_by_other": claim is not None and claim.moderator != user.name,
+        "first_moderator": first,
+        "history": history(decision, store.audit_of(event_id)),
         "heat_note": heat_note,
+        "conflict": None,
     }
-    return render(request, review, "item.html", ctx)
+
+
+@router.get("/items/{event_id}", response_class=HTMLResponse)
+def item_page(request: Request, event_id: str, review: Ctx, user: PageUser) -> Response:
+    query = parse_query(list(request.query_params.multi_items()))
+    return render(request, review, "item.html", item_context(review, user, event_id, query))
 
 
 @router.post("/items/{event_id}/action")
@@ -128,23 +247,43 @@ def item_action(
     action: Annotated[str, Form()],
     note: Annotated[str, Form(max_length=2000)] = "",
     q: Annotated[str, Form(max_length=2000)] = "",
+    version: Annotated[int | None, Form(ge=0)] = None,
     csrf: Csrf = "",
 ) -> Response:
-    """Confirm AI, mark real or skip, then on to the next item of the moderator's current order."""
+    """Confirm AI, mark real or skip, then on to the next item of the moderator's current order.
+
+    The form carries the decision version it was rendered with: if the decision changed since, nothing is
+    written and the page comes back with a 409 saying who changed it to what, and when.
+    """
     check_post(request, review, csrf)
     if action not in (*ACTIONS, "skip"):
         raise HTTPException(400, f"Unknown action {action!r}.")
+    store, settings = review.store, review.settings
     before = review.decision_or_404(event_id)
     query = parse_query(parse_qsl(q))
-    _, next_id = review_queue.neighbours(review.store, query, event_id)
+    order = [r.event_id for r in review_queue.ordered(store, query, user.name)[0]]
     if action == "skip":
+        store.release([event_id], user.name)
         request.session["flash"] = f"Skipped {before.item_id}."
     else:
-        updated = review.store.override(event_id, ACTIONS[action], user.name, note=note)
+        try:
+            updated = store.override(
+                event_id,
+                ACTIONS[action],
+                user.name,
+                note=note,
+                expected_version=version,
+                second_review=settings.review_second_review,
+            )
+        except OverrideConflict as exc:
+            ctx = item_context(review, user, event_id, query)
+            ctx["conflict"] = describe_conflict(exc)
+            return render(request, review, "item.html", ctx, 409)
         label = "Confirmed AI" if updated.verdict == Verdict.BLOCK else "Marked real"
         request.session["flash"] = f"{label}: {before.item_id} (was {before.verdict.value})."
+    got = store.claim(review_queue.following(order, event_id), user.name, 1, settings.review_claim_lease_s)
     suffix = f"?{query.params()}" if query.params() else ""
-    target = f"/items/{quote(next_id, safe='')}{suffix}" if next_id else f"/queue{suffix}"
+    target = f"/items/{quote(got[0], safe='')}{suffix}" if got else f"/queue{suffix}"
     return RedirectResponse(target, status_code=303)
 
 

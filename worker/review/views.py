@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
+from worker.delivery.store import ClaimedByOther, OverrideConflict, SecondReviewPending, StaleDecision
 from worker.errors import ModerationError
 from worker.records import Decision
 from worker.review.auth import CSRF_FIELD
@@ -27,7 +28,7 @@ IMAGE_CACHE = "private, max-age=600"
 
 def make_templates(directory: Path) -> Jinja2Templates:
     templates = Jinja2Templates(directory=directory)
-    templates.env.filters.update(ts=fmt_time, ago=fmt_ago)
+    templates.env.filters.update(ts=fmt_time, ago=fmt_ago, age_class=age_class)
     templates.env.globals.update(source_of=image_source, CSRF_FIELD=CSRF_FIELD)
     return templates
 
@@ -40,6 +41,7 @@ def render(
         "csrf": csrf_token(request),
         "flash": request.session.pop("flash", None),
         "namespace": review.settings.namespace,
+        "sla": review.settings.review_sla_s,
     }
     return review.templates.TemplateResponse(request, name, {**base, **ctx}, status_code=status)
 
@@ -91,6 +93,45 @@ def history(decision: Decision, audit: list[dict[str, str]]) -> list[dict[str, s
     return out
 
 
+ACTION_WORDS = {"block": "confirmed it AI", "allow": "marked it real", "review": "sent it back to review"}
+
+
+def describe_conflict(exc: OverrideConflict) -> str:
+    """Why an override was not saved, in the moderator's words: who changed what, and when."""
+    if isinstance(exc, StaleDecision):
+        last, now = exc.last, exc.current.verdict.value
+        if last:
+            verdict = last.get("verdict", "")
+            what = (
+                f"{last.get('moderator', 'someone')} {ACTION_WORDS.get(verdict, verdict)} "
+                f"({last.get('previous_verdict', '?')} → {verdict}) at {fmt_time(last.get('at', ''))}"
+            )
+        else:
+            what = "its history was reset"
+        return (
+            f"Not saved: this decision changed after you opened it. {what}. It is now {now} "
+            f"(version {exc.version}; your page showed version {exc.expected}). Look again, then decide."
+        )
+    if isinstance(exc, ClaimedByOther):
+        return f"Not saved: {exc.moderator} is reviewing this item (claimed until {fmt_time(exc.until)})."
+    if isinstance(exc, SecondReviewPending):
+        return "Not saved: you gave this item its first verdict; a second moderator reviews it."
+    return f"Not saved: {exc}."
+
+
+def conflict_json(exc: OverrideConflict) -> dict[str, Any]:
+    """The API's 409 body: the sentence, plus what the decision is now for a tool to retry on."""
+    body: dict[str, Any] = {"detail": describe_conflict(exc), "event_id": exc.event_id}
+    if isinstance(exc, StaleDecision):
+        body.update(version=exc.version, expected_version=exc.expected, changed_by=exc.last)
+        body["decision"] = exc.current.model_dump(mode="json")
+    elif isinstance(exc, ClaimedByOther):
+        body.update(claimed_by=exc.moderator, claimed_until=exc.until.isoformat())
+    elif isinstance(exc, SecondReviewPending):
+        body.update(first_moderator=exc.first)
+    return body
+
+
 def heatmap_response(review: Review, decision: Decision) -> Response:
     try:
         heat = review.heatmaps.for_decision(decision)
@@ -131,3 +172,12 @@ def fmt_ago(value: datetime | str) -> str:
         if s >= size:
             return f"{s // size} {unit} ago"
     return f"{s} s ago"
+
+
+def age_class(value: datetime | str, sla_s: float) -> str:
+    """``age-ok``, ``age-warn`` (past half the SLA) or ``age-late`` (past it), for the queue's age column."""
+    dt = _parse_dt(value)
+    if dt is None:
+        return ""
+    age = (datetime.now(UTC) - dt).total_seconds()
+    return "age-late" if age >= sla_s else "age-warn" if age >= sla_s / 2 else "age-ok"

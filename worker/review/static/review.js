@@ -23,11 +23,28 @@
       rows[i].scrollIntoView({ block: "nearest" });
       return true;
     }
+    if (key === "x" && i >= 0) {
+      const box = rows[i].querySelector("input[type=checkbox]");
+      if (box) box.checked = !box.checked;
+      return true;
+    }
     if (key === "Enter" || key === "o") {
       window.location.assign(rows[Math.max(0, i)].dataset.href);
       return true;
     }
     return false;
+  }
+
+  // Native pixels: one image pixel per device pixel, scrolled inside the viewer; the crop boxes follow.
+  function zoom() {
+    const wrap = document.querySelector(".stage-wrap");
+    const img = document.getElementById("image");
+    const button = document.getElementById("zoom");
+    if (!wrap || !img) return false;
+    const on = wrap.classList.toggle("native");
+    img.style.width = on && img.naturalWidth ? img.naturalWidth / window.devicePixelRatio + "px" : "";
+    if (button) button.setAttribute("aria-pressed", on ? "true" : "false");
+    return true;
   }
 
   function itemKeys(key) {
@@ -41,6 +58,7 @@
     if (key === "j") { go("next"); return true; }
     if (key === "k") { go("prev"); return true; }
     if (key === "u" || key === "Escape") { go("back"); return true; }
+    if (key === "z") return zoom();
     if (key === "b") {
       const boxes = document.querySelector(".boxes");
       if (boxes) boxes.classList.toggle("hidden");
@@ -60,8 +78,9 @@
   });
 
   document.addEventListener("click", function (event) {
+    if (event.target.closest && event.target.closest("#zoom")) { zoom(); return; }
     const row = event.target.closest && event.target.closest("tr[data-href]");
-    if (row && !event.target.closest("a")) window.location.assign(row.dataset.href);
+    if (row && !event.target.closest("a, input, label, .c-pick")) window.location.assign(row.dataset.href);
     const help = document.getElementById("help");
     if (help && event.target === help) help.hidden = true;
   });
