@@ -63,6 +63,8 @@ EXAMPLES: dict[str, list[str]] = {
         "moderation review add-user alice --role admin",
         "printf '%s\\n' \"$PASSWORD\" | moderation review add-user bob --password-stdin",
     ],
+    "review disable-user": ["moderation review disable-user bob"],
+    "review remove-user": ["moderation review remove-user bob"],
     "dlq": ["moderation dlq list", "moderation dlq replay --reason internal"],
     "dlq list": ["moderation dlq list --reason malformed_event --limit 20"],
     "dlq replay": ["moderation dlq replay --id 1733050000000-0"],
