@@ -92,7 +92,7 @@ def checkpoint_init(
             seed=seed,
             pretrained_file=pretrained_file,
         )
-    except (CheckpointError, FileNotFoundError, RuntimeError) as exc:
+    except (CheckpointError, FileNotFoundError, RuntimeError, ValueError) as exc:
         raise fail(str(exc)) from exc
     console.print(f"wrote [bold]{out}[/] version [bold]{manifest.version}[/] ({manifest.notes})")
 

@@ -48,6 +48,11 @@ class Metrics:
         self.reload_failures = Counter(
             "moderation_reload_failures", "Model versions refused, by reason.", ["reason"], registry=r
         )
+        self.model_fallbacks = Counter(
+            "moderation_model_fallbacks",
+            "Starts that served an older version because the current one was refused.",
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "moderation_queue_depth", "Messages waiting in the broker, by queue.", ["queue"], registry=r
         )

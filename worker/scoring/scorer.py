@@ -152,6 +152,12 @@ class Scorer:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def decide(self, event: Event, prepared: Prepared, crop_logits: np.ndarray) -> Decision:
+        if not np.isfinite(crop_logits).all():
+            # NaN fails every threshold comparison, so it would read as ``allow``: never let it decide.
+            exc = ModerationError(
+                ErrorReason.MODEL_OUTPUT_INVALID, f"model {self.version} gave non-finite crop logits"
+            )
+            return error_decision(event, exc, self.version)
         logit, deciding = aggregate(crop_logits, self.aggregation)
         score = _sigmoid(logit)
         thresholds = self.manifest.thresholds
