@@ -16,6 +16,7 @@ class ErrorReason(StrEnum):
     CORRUPT_IMAGE = "corrupt_image"
     TOO_MANY_PIXELS = "too_many_pixels"
     TOO_MANY_BYTES = "too_many_bytes"
+    DECODE_TOO_LARGE = "decode_too_large"
     UNSUPPORTED_FORMAT = "unsupported_format"
     FILE_NOT_FOUND = "file_not_found"
     FORBIDDEN_SOURCE = "forbidden_source"

@@ -7,11 +7,12 @@ because every deployment tool already sets them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_HOME = Path.home() / ".moderation"
 
@@ -147,6 +148,33 @@ class Settings(BaseSettings):
         default_factory=list, description="Extra Origins a form POST may come from (besides the page's own)."
     )
     review_cache_items: int = Field(256, description="Heatmaps and thumbnails kept in memory.")
+
+    # --- untrusted input: local files and decode memory ----------------------------------------------
+    local_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders a file:// or plain-path image_uri may name (comma-separated or a JSON list); "
+        "symlinks are resolved and must stay inside. Empty: local files are refused (forbidden_source).",
+    )
+    local_read_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a local file read may take (a hung network mount, a slow disk)."
+    )
+    max_decode_bytes: int = Field(
+        768 * 1024 * 1024,
+        ge=1,
+        description="Memory one decode may need (pixels x bytes per sample x working copies, from the "
+        "header) and the total all concurrent decodes of a process may hold; the review page shares it.",
+    )
+
+    @field_validator("local_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        """``/a,/b`` or ``["/a", "/b"]`` from the environment; a list from code."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
     def resolved_device(self) -> str:
         import torch

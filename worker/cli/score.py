@@ -52,12 +52,30 @@ def score(
     except CheckpointError as exc:
         raise fail(str(exc)) from exc
     events = [Event(item_id=r, image_uri=r) for r in refs]
-    decisions = score_events(events, scorer, Fetcher(settings))
+    # The user named these files on the command line: they are allowed on top of MODERATION_LOCAL_ROOTS.
+    fetcher = Fetcher(settings, extra_local=_named_files(refs))
+    decisions = score_events(events, scorer, fetcher)
     if as_json:
         for d in decisions:
             sys.stdout.write(d.to_json() + "\n")
         return
     print_decisions(decisions)
+
+
+def _named_files(refs: list[str]) -> list[str]:
+    """Local paths among ``refs`` (plain paths and file:// URIs)."""
+    from worker.errors import FetchError
+    from worker.media.local import path_of
+
+    out = []
+    for ref in refs:
+        if "://" in ref and not ref.lower().startswith("file://"):
+            continue
+        try:
+            out.append(path_of(ref))
+        except FetchError:
+            continue  # the fetcher reports it as that image's error decision
+    return out
 
 
 @checkpoint_app.command("init")

@@ -118,7 +118,10 @@ class Images:
         def make() -> Image.Image:
             s = self.fetcher.settings
             data = self.fetcher.fetch(uri)
-            return decode_image(data, max_pixels=s.max_pixels, allowed_formats=s.allowed_formats)
+            # The same memory budget as the worker's decodes: thumbnails of hostile images cannot pile up.
+            return decode_image(
+                data, max_pixels=s.max_pixels, allowed_formats=s.allowed_formats, max_bytes=s.max_decode_bytes
+            )
 
         return self._cache.get_or_make(uri, make)
 

@@ -67,7 +67,12 @@ def prepare(uri: str, fetcher: Fetcher, spec: CropSpec, *, defer_jpeg: bool = Fa
 def prepare_bytes(data: bytes, spec: CropSpec, settings: Settings) -> Prepared:
     """Decode (Pillow) and crop bytes already fetched; raises :class:`DecodeError` with a reason."""
     t0 = time.perf_counter()
-    img = decode_image(data, max_pixels=settings.max_pixels, allowed_formats=settings.allowed_formats)
+    img = decode_image(
+        data,
+        max_pixels=settings.max_pixels,
+        allowed_formats=settings.allowed_formats,
+        max_bytes=settings.max_decode_bytes,
+    )
     size = img.size
     crops, boxes = inference_crops(img, spec)
     return Prepared(crops, boxes, size, {"decode_crop": (time.perf_counter() - t0) * 1e3})
