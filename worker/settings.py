@@ -165,6 +165,19 @@ class Settings(BaseSettings):
         "header) and the total all concurrent decodes of a process may hold; the review page shares it.",
     )
 
+    review_login_free_attempts: int = Field(
+        5, ge=1, description="Failed sign-ins a client address gets before exponential delays start."
+    )
+    review_login_delay_s: float = Field(1.0, gt=0, description="First delay; it doubles with each failure.")
+    review_login_max_delay_s: float = Field(900.0, gt=0, description="Longest delay a client address gets.")
+    review_login_name_free_attempts: int = Field(
+        20, ge=1, description="Failed sign-ins an account name gets (from all addresses) before delays."
+    )
+    review_login_name_max_delay_s: float = Field(
+        30.0, gt=0, description="Longest delay per name: low, so guessers cannot lock the owner out."
+    )
+    review_login_concurrency: int = Field(2, ge=1, description="Password checks running at once per process.")
+
     @field_validator("local_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: Any) -> Any:

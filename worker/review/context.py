@@ -12,7 +12,7 @@ from fastapi.templating import Jinja2Templates
 from worker.delivery.store import DecisionStore
 from worker.media.fetch import Fetcher
 from worker.records import Decision
-from worker.review.auth import Directory, LoginThrottle
+from worker.review.auth import Directory, LoginThrottle, Sessions
 from worker.review.heatmap import Heatmaps
 from worker.review.media import LRU, Images
 from worker.settings import Settings
@@ -28,8 +28,9 @@ class Review:
     images: Images
     heatmaps: Heatmaps
     templates: Jinja2Templates
+    throttle: LoginThrottle
+    sessions: Sessions
     thumbs: LRU[bytes] = field(default_factory=lambda: LRU(256))
-    throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
     @classmethod
     def build(cls, settings: Settings, store: DecisionStore) -> Review:
@@ -44,6 +45,8 @@ class Review:
             heatmaps=Heatmaps(settings, images),
             templates=make_templates(HERE / "templates"),
             thumbs=LRU(settings.review_cache_items),
+            throttle=LoginThrottle(store.r, settings.namespace, settings),
+            sessions=Sessions(store.r, settings.namespace, settings.review_session_max_age_s),
         )
 
     def decision_or_404(self, event_id: str) -> Decision:

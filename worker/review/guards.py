@@ -26,7 +26,9 @@ class LoginRequired(Exception):
 
 def session_user(request: Request, review: Review) -> User | None:
     name = request.session.get("user")
-    return review.directory.get(name) if isinstance(name, str) else None
+    if not isinstance(name, str) or review.sessions.user(request.session.get("sid")) != name:
+        return None  # signed out (the server-side session is gone) or never signed in
+    return review.directory.get(name)
 
 
 def csrf_token(request: Request) -> str:
