@@ -53,7 +53,7 @@ def producer(redis_url: str, tmp_path: Path) -> Iterator[Producer]:
 
 @pytest.fixture
 def hostile_root(tmp_path: Path) -> tuple[Path, dict[str, str | None]]:
-    """A folder of good and hostile sources; each URI maps to the reason its decision must carry (None: ok)."""
+    """Good and hostile sources in one folder; each URI maps to the reason its decision must carry."""
     root = tmp_path / "uploads"
     root.mkdir()
     outside = tmp_path / "outside.jpg"
