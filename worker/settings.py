@@ -159,7 +159,7 @@ class Settings(BaseSettings):
         10.0, gt=0, description="Longest a local file read may take (a hung network mount, a slow disk)."
     )
     max_decode_bytes: int = Field(
-        768 * 1024 * 1024,
+        512 * 1024 * 1024,
         ge=1,
         description="Memory one decode may need (pixels x bytes per sample x working copies, from the "
         "header) and the total all concurrent decodes of a process may hold; the review page shares it.",

@@ -56,8 +56,10 @@ def _sniff_foreign(data: bytes) -> str | None:
 
 # Bytes Pillow stores per pixel, by mode (multi-band modes are stored 4 bytes per pixel, RGB included).
 _STORED_BPP = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
-# Extra bytes per pixel :func:`to_rgb` holds at its peak, on top of the source (see its branches).
-_CONVERT_BPP = {"RGB": 0, "I;16": 8, "I;16B": 8, "I;16L": 8, "I;16N": 8, "I": 10, "F": 10, "P": 8}
+# Bytes per pixel alive at the peak of :func:`to_rgb`, source included (see its branches): deep gray keeps
+# source + 8-bit plane + L image + RGB result; I/F also their 4-byte sample copy while reducing; a palette
+# with transparency goes through RGBA. Every other mode: source + RGB result.
+_CONVERT_PEAK_BPP = {"RGB": 4, "I;16": 8, "I;16B": 8, "I;16L": 8, "I;16N": 8, "I": 10, "F": 10, "P": 9}
 _BLOCK_ROWS = 256
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -73,8 +75,9 @@ _TRANSPOSE = {
 def decode_bytes(width: int, height: int, mode: str, *, transposed: bool = False) -> int:
     """Memory a decode of this header needs at its peak: source samples, conversion copies, the RGB result
     and, for EXIF-rotated images, the rotated copy."""
-    per_pixel = _STORED_BPP.get(mode, 4) + _CONVERT_BPP.get(mode, 4) + (4 if transposed else 0)
-    return width * height * per_pixel
+    convert = _CONVERT_PEAK_BPP.get(mode, _STORED_BPP.get(mode, 4) + 4)
+    rotate = 8 if transposed else 4  # the RGB result and its rotated copy (the source is gone by then)
+    return width * height * max(convert, rotate)
 
 
 class DecodeBudget:
@@ -109,8 +112,35 @@ def shared_budget(limit: int) -> DecodeBudget:
     with _budgets_lock:
         budget = _budgets.get(limit)
         if budget is None:
+            if not _budgets:
+                return_large_buffers()
             budget = _budgets[limit] = DecodeBudget(limit)
         return budget
+
+
+MMAP_THRESHOLD = 1 << 20
+
+
+def return_large_buffers(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make glibc serve buffers above ``threshold`` with mmap, so freeing them returns the memory at once.
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB), after which image-sized buffers
+    come from per-thread heaps that keep their pages: with four decode threads, RSS then stays near the
+    high-water mark of every thread at once, whatever the budget allowed to be live. Measured on the hostile
+    soak mix (docs/benchmarks.md): peak RSS 2.0 GB without, 1.35 GB with. Called once, when a process first
+    decodes with a budget; honours an operator's ``MALLOC_MMAP_THRESHOLD_`` and is a no-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def decode_image(
@@ -121,6 +151,26 @@ def decode_image(
     ``max_bytes``: the memory budget (``Settings.max_decode_bytes``); the estimate is checked against it
     before decoding and reserved from the process-wide :func:`shared_budget` while decoding.
     """
+    with decoded(data, max_pixels=max_pixels, allowed_formats=allowed_formats, max_bytes=max_bytes) as img:
+        return img
+
+
+@contextmanager
+def decoded(
+    data: bytes, *, max_pixels: int, allowed_formats: Sequence[str], max_bytes: int | None = None
+) -> Iterator[Image.Image]:
+    """:func:`decode_image` that keeps its share of the budget until the block ends, so an image being cut
+    into crops still counts against the budget (the scoring path uses this)."""
+    img, need = _open_checked(data, max_pixels, allowed_formats)
+    budget = shared_budget(max_bytes) if max_bytes is not None else None
+    with budget.reserve(need) if budget is not None else _no_budget():
+        rgb = _decode_opened(img)
+        del img
+        yield rgb
+
+
+def _open_checked(data: bytes, max_pixels: int, allowed_formats: Sequence[str]) -> tuple[Image.Image, int]:
+    """Open (header only) and check format and pixel cap; returns the image and the bytes it will need."""
     if not data:
         raise DecodeError(ErrorReason.EMPTY_FILE, "zero bytes")
     Image.init()  # registers plugins once; a no-op afterwards
@@ -147,12 +197,14 @@ def decode_image(
         raise DecodeError(
             ErrorReason.TOO_MANY_PIXELS, f"{width}x{height} = {width * height} pixels > cap {max_pixels}"
         )
+    # Orientation is only known once EXIF is read, which for some formats (PNG) means decoding: assume the
+    # rotated copy is needed.
+    return img, decode_bytes(width, height, img.mode, transposed=True)
+
+
+def _decode_opened(img: Image.Image) -> Image.Image:
     try:
-        # Orientation is only known once EXIF is read, which for some formats (PNG) means decoding: assume the
-        # rotated copy is needed.
-        need = decode_bytes(width, height, img.mode, transposed=True)
-        budget = shared_budget(max_bytes) if max_bytes is not None else None
-        with budget.reserve(need) if budget is not None else _no_budget(), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.seek(0)
             img.load()
