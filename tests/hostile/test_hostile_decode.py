@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 import threading
@@ -102,3 +103,20 @@ def test_the_estimate_covers_what_a_decode_really_takes() -> None:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < decode_bytes(2000, 1500, "I;16")
+
+
+def test_the_review_page_decodes_under_the_same_budget_and_keeps_no_huge_images(tmp_path: Path) -> None:
+    from worker.media.fetch import Fetcher
+    from worker.review.media import Images, thumbnail
+    from worker.settings import Settings
+
+    deep = tmp_path / "deep.png"
+    deep.write_bytes(png16(3000, 3000))  # 9 MP, 16-bit: ~72 MB at its decode peak
+    small = Settings(home=tmp_path / "h", local_roots=[str(tmp_path)], max_decode_bytes=32 * 2**20)
+    with pytest.raises(DecodeError) as info:
+        Images(Fetcher(small)).decoded(str(deep))
+    assert info.value.reason == ErrorReason.DECODE_TOO_LARGE
+    roomy = small.model_copy(update={"max_decode_bytes": 256 * 2**20})
+    images = Images(Fetcher(roomy))
+    assert len(thumbnail(images.decoded(str(deep)))) > 0
+    assert images._cache.get(str(deep)) is None  # 36 MB of RGB is over its share of the budget: not kept
