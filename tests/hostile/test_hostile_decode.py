@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
