@@ -62,7 +62,7 @@ def main() -> None:
         raise SystemExit(f"no aigen-dev data at {args.data}")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    settings = Settings(home=out / "home", device="auto")
+    settings = Settings(home=out / "home", device="auto", local_roots=[args.data])
     timings: dict[str, float] = {}
     results: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
 

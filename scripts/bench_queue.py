@@ -160,6 +160,7 @@ def end_to_end(
         MODERATION_PREFETCH=str(threads),
         MODERATION_LOG_LEVEL="WARNING",
         MODERATION_LOG_FORMAT="json",
+        MODERATION_LOCAL_ROOTS=str(tmp),  # the generated images; local files are off by default
         PYTHONPATH=os.pathsep.join(
             filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
         ),
@@ -252,6 +253,7 @@ def main() -> None:
             max_wait_ms=args.max_wait_ms,
             decode_threads=args.decode_threads,
             home=tmp / "home",
+            local_roots=[tmp],
         )
         ckpt = args.checkpoint or str(tmp / "ckpt")
         if not args.checkpoint:

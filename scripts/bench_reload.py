@@ -90,6 +90,7 @@ def main() -> None:
                 MODERATION_DEVICE="cpu",
                 MODERATION_LOG_FORMAT="json",
                 MODERATION_HEARTBEAT_S="1",
+                MODERATION_LOCAL_ROOTS=str(tmp),  # the generated images
             )
             log_path = tmp / "worker.log"
             with log_path.open("wb") as fh:

@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--repeat", type=int, default=1, help="tile the image list N times (longer epochs)")
     args = ap.parse_args()
-    settings = Settings(device=args.device)
+    settings = Settings(device=args.device, local_roots=[args.data])
     device = settings.resolved_device()
     model = create_model(args.arch).to(device)
     if device.startswith("cuda"):

@@ -37,7 +37,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="crash-"))
     init_checkpoint("test_convnext", tmp / "ck", crop_size=64)
     (tmp / "big.jpg").write_bytes(images.jpeg(1024, 768))
-    env = {"MODERATION_VISIBILITY_TIMEOUT_S": "4", "MODERATION_RESTORE_INTERVAL_S": "1"}
+    env = {
+        "MODERATION_VISIBILITY_TIMEOUT_S": "4",
+        "MODERATION_RESTORE_INTERVAL_S": "1",
+        "MODERATION_LOCAL_ROOTS": str(tmp),
+    }
     lost_runs = 0
     for run in range(args.runs):
         with private_redis(tmp / f"redis{run}") as url:

@@ -1,6 +1,12 @@
 """Worker memory over many events: RSS after a warm-up vs after the whole run (target: growth under 10%).
 
     python scripts/soak_memory.py --events 10000
+    python scripts/soak_memory.py --hostile --events 5000 --chunk 500 --max-rss-mb 2048
+
+``--hostile`` feeds a mix of under-cap hostile images instead (49 MP 16-bit PNGs of under 1 MB, 16-bit RGB,
+float TIFF, 48 MP flat JPEGs, a pixel bomb, truncated files, palette and CMYK images, a named pipe, a symlink
+out of the allowed folder) between ordinary ones, and reports the worker's peak RSS (``VmHWM``), failing
+when it passes ``--max-rss-mb``. ``--arch convnext_tiny`` measures the production architecture.
 
 Starts a private Redis (unless REDIS_URL is set) and a real ``moderation worker`` with a tiny random model,
 submits events in chunks, waits for each chunk's decisions and samples the worker's resident set size from
@@ -37,17 +43,62 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def hostile_mix(folder: Path, ordinary: list[Path]) -> list[Path]:
+    """One cycle of 50 sources: 12 hostile, the rest ordinary images."""
+    import io
+
+    from tests.core.images import every_mode, png_bomb
+    from tests.hostile.images import png16, tiff_float
+
+    def put(name: str, data: bytes) -> Path:
+        (folder / name).write_bytes(data)
+        return folder / name
+
+    flat = io.BytesIO()
+    Image.new("RGB", (8000, 6000), (40, 90, 160)).save(flat, format="JPEG", quality=80)
+    good_jpeg = ordinary[0].read_bytes()
+    modes = every_mode()
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "escape.jpg").symlink_to("/etc/hostname")
+    hostile = [
+        put("deep_gray_49mp.png", png16(7000, 7000)),
+        put("deep_rgb_12mp.png", png16(4000, 3000, color=True)),
+        put("float.tiff", tiff_float(2000, 2000)),
+        put("flat_48mp.jpg", flat.getvalue()),
+        put("bomb.png", png_bomb(20_000, 20_000)),
+        put("truncated.jpg", good_jpeg[: len(good_jpeg) // 2]),
+        put("cmyk.jpg", modes["cmyk.jpg"]),
+        put("palette_transparent.png", modes["palette_transparent.png"]),
+        put("deep_gray_49mp_b.png", png16(7000, 7000)),
+        folder / "pipe.jpg",
+        folder / "escape.jpg",
+        folder / "missing.jpg",
+    ]
+    return hostile + [ordinary[i % len(ordinary)] for i in range(50 - len(hostile))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=10_000)
     ap.add_argument("--chunk", type=int, default=1000)
     ap.add_argument("--warmup", type=int, default=1000, help="events before the baseline sample")
     ap.add_argument("--max-growth", type=float, default=0.10)
+    ap.add_argument("--hostile", action="store_true", help="the hostile mix; report and bound peak RSS")
+    ap.add_argument("--max-rss-mb", type=float, default=2048.0, help="peak RSS bound with --hostile")
+    ap.add_argument("--arch", default="test_convnext", help="timm architecture of the random checkpoint")
+    ap.add_argument("--crop-size", type=int, default=64)
     args = ap.parse_args()
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-")))
         url = os.environ.get("REDIS_URL") or stack.enter_context(private_redis(tmp / "redis"))
-        init_checkpoint("test_convnext", tmp / "ckpt", crop_size=64, seed=0)
+        init_checkpoint(args.arch, tmp / "ckpt", crop_size=args.crop_size, seed=0)
         paths = []
         for i in range(8):  # a mix of sizes and modes, plus one bad file per chunk
             p = tmp / f"img{i}.{'png' if i % 2 else 'jpg'}"
@@ -57,12 +108,15 @@ def main() -> None:
             paths.append(p)
         (tmp / "bad.jpg").write_bytes(b"not an image")
         paths.append(tmp / "bad.jpg")
+        if args.hostile:
+            paths = hostile_mix(tmp, paths)
         env = dict(
             os.environ,
             REDIS_URL=url,
             MODERATION_CHECKPOINT=str(tmp / "ckpt"),
             MODERATION_DEVICE="cpu",
             MODERATION_LOG_LEVEL="WARNING",
+            MODERATION_LOCAL_ROOTS=str(tmp),  # local files are refused outside allow-listed folders
             PYTHONPATH=str(Path(__file__).resolve().parents[1]),
         )
         log = (tmp / "worker.log").open("wb")
@@ -74,6 +128,7 @@ def main() -> None:
                     raise SystemExit((tmp / "worker.log").read_text()[-3000:])
                 time.sleep(0.2)
             baseline = None
+            outcomes: dict[str, int] = {}
             done = 0
             t0 = time.monotonic()
             while done < args.events:
@@ -86,6 +141,9 @@ def main() -> None:
                 got = producer.wait([e.event_id for e in events], timeout=600)
                 if len(got) != n:
                     raise SystemExit(f"only {len(got)}/{n} decided")
+                for d in got.values():
+                    key = d.reason.value if d.reason is not None else d.verdict.value
+                    outcomes[key] = outcomes.get(key, 0) + 1
                 done += n
                 rss = rss_mb(proc.pid)
                 if baseline is None and done >= args.warmup:
@@ -96,6 +154,15 @@ def main() -> None:
                 )
             assert baseline is not None
             final = rss_mb(proc.pid)
+            if args.hostile:
+                peak = peak_rss_mb(proc.pid)
+                elapsed = time.monotonic() - t0
+                print("outcomes:", ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+                print(
+                    f"hostile mix: {done} events in {elapsed:.0f}s, peak RSS {peak:.1f} MB "
+                    f"(bound {args.max_rss_mb:.0f} MB), final {final:.1f} MB"
+                )
+                sys.exit(0 if peak <= args.max_rss_mb else 1)
             growth = final / baseline - 1
             print(
                 f"baseline (after {args.warmup}) {baseline:.1f} MB, final {final:.1f} MB, "

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from worker.scoring.checkpoint import init_checkpoint
 from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+# Local image files are refused unless allow-listed; tests write theirs under the temp folder and read the
+# bundled samples. Tests of the default set ``local_roots=[]`` themselves.
+os.environ.setdefault("MODERATION_LOCAL_ROOTS", ",".join([tempfile.gettempdir(), str(REPO)]))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

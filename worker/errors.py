@@ -16,8 +16,14 @@ class ErrorReason(StrEnum):
     CORRUPT_IMAGE = "corrupt_image"
     TOO_MANY_PIXELS = "too_many_pixels"
     TOO_MANY_BYTES = "too_many_bytes"
+    DECODE_TOO_LARGE = "decode_too_large"
     UNSUPPORTED_FORMAT = "unsupported_format"
     FILE_NOT_FOUND = "file_not_found"
+    FORBIDDEN_SOURCE = "forbidden_source"
+    NOT_A_REGULAR_FILE = "not_a_regular_file"
+    SYMLINK_LOOP = "symlink_loop"
+    INVALID_PATH = "invalid_path"
+    READ_ERROR = "read_error"
     S3_OBJECT_NOT_FOUND = "s3_object_not_found"
     S3_ACCESS_DENIED = "s3_access_denied"
     HTTP_NOT_FOUND = "http_not_found"
@@ -29,6 +35,7 @@ class ErrorReason(StrEnum):
     FETCH_TIMEOUT = "fetch_timeout"
     MALFORMED_EVENT = "malformed_event"
     REDELIVERY_LIMIT = "redelivery_limit"
+    MODEL_OUTPUT_INVALID = "model_output_invalid"
     INTERNAL = "internal_error"
 
 
@@ -52,6 +59,11 @@ class DecodeError(ModerationError):
 
 class CheckpointError(Exception):
     """A checkpoint is missing, malformed or does not match its manifest."""
+
+
+class InvalidCheckpoint(CheckpointError):
+    """A checkpoint that can never be served (bad manifest, unknown architecture, weights that are not
+    safetensors or do not fit, non-finite outputs): versions are immutable, so retrying it is pointless."""
 
 
 class SchemaError(ValueError):

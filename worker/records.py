@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from worker.errors import ErrorReason, SchemaError
 
@@ -96,10 +96,17 @@ class CropScore(BaseModel):
 class Thresholds(BaseModel):
     """Scores at or above ``review`` go to moderators; at or above ``block`` are blocked."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     review: float = Field(0.5, ge=0.0, le=1.0)
     block: float = Field(0.9, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Thresholds:
+        """Block below review would block what it never sends to moderators: a calibration mistake."""
+        if self.block < self.review:
+            raise ValueError(f"block threshold {self.block} is below review threshold {self.review}")
+        return self
 
 
 class Decision(BaseModel):

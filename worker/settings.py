@@ -202,6 +202,35 @@ class Settings(BaseSettings):
         4 * 3600.0, gt=0, description="Queue age past which a row is flagged overdue (amber from half of it)."
     )
 
+    # --- untrusted input: local files and decode memory ----------------------------------------------
+    local_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders a file:// or plain-path image_uri may name (comma-separated or a JSON list); "
+        "symlinks are resolved and must stay inside. Empty: local files are refused (forbidden_source).",
+    )
+    local_read_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a local file read may take (a hung network mount, a slow disk)."
+    )
+    max_decode_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=1,
+        description="Memory one decode may need (pixels x bytes per sample x working copies, from the "
+        "header) and the total all concurrent decodes of a process may hold; the review page shares it.",
+    )
+
+    review_login_free_attempts: int = Field(
+        5, ge=1, description="Failed sign-ins a client address gets before exponential delays start."
+    )
+    review_login_delay_s: float = Field(1.0, gt=0, description="First delay; it doubles with each failure.")
+    review_login_max_delay_s: float = Field(900.0, gt=0, description="Longest delay a client address gets.")
+    review_login_name_free_attempts: int = Field(
+        20, ge=1, description="Failed sign-ins an account name gets (from all addresses) before delays."
+    )
+    review_login_name_max_delay_s: float = Field(
+        30.0, gt=0, description="Longest delay per name: low, so guessers cannot lock the owner out."
+    )
+    review_login_concurrency: int = Field(2, ge=1, description="Password checks running at once per process.")
+
     def resolved_device(self) -> str:
         """The torch device to use; a CUDA device this host does not have is a :class:`DeviceUnavailable`."""
         import torch

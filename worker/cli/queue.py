@@ -293,6 +293,8 @@ def _run_demo(settings: Settings, checkpoint: str, tmp: Path, timeout: float) ->
         MODERATION_CHECKPOINT=checkpoint,
         MODERATION_LOG_FORMAT="json",
         MODERATION_PREFETCH="32",
+        # Local files are off by default: the demo allows exactly the bundled samples and its own folder.
+        MODERATION_LOCAL_ROOTS=",".join(sorted({str(p.parent) for p in sample_paths()} | {str(tmp)})),
     )
     log_path = tmp / "worker.log"
     console.print(f"starting a worker (log: {log_path})")

@@ -56,13 +56,31 @@ def score(
     except CheckpointError as exc:
         raise fail(str(exc)) from exc
     events = [Event(item_id=r, image_uri=r) for r in refs]
-    decisions = score_events(events, scorer, Fetcher(settings))
+    # The user named these files on the command line: they are allowed on top of MODERATION_LOCAL_ROOTS.
+    fetcher = Fetcher(settings, extra_local=_named_files(refs))
+    decisions = score_events(events, scorer, fetcher)
     if as_json:
         for d in decisions:
             sys.stdout.write(d.to_json() + "\n")
     else:
         print_decisions(decisions)
     failed_inputs_exit(decisions)
+
+
+def _named_files(refs: list[str]) -> list[str]:
+    """Local paths among ``refs`` (plain paths and file:// URIs)."""
+    from worker.errors import FetchError
+    from worker.media.local import path_of
+
+    out = []
+    for ref in refs:
+        if "://" in ref and not ref.lower().startswith("file://"):
+            continue
+        try:
+            out.append(path_of(ref))
+        except FetchError:
+            continue  # the fetcher reports it as that image's error decision
+    return out
 
 
 @checkpoint_app.command("init")
@@ -99,7 +117,7 @@ def checkpoint_init(
             seed=seed,
             pretrained_file=pretrained_file,
         )
-    except (CheckpointError, FileNotFoundError, RuntimeError) as exc:
+    except (CheckpointError, FileNotFoundError, RuntimeError, ValueError) as exc:
         raise fail(str(exc)) from exc
     console.print(f"wrote [bold]{out}[/] version [bold]{manifest.version}[/] ({manifest.notes})")
 

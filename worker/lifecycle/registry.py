@@ -20,12 +20,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from worker.errors import CheckpointError
+from worker.errors import CheckpointError, InvalidCheckpoint
 from worker.media.s3 import S3Uri, make_client
 from worker.records import utcnow
-from worker.scoring.checkpoint import MANIFEST, Manifest, read_manifest, sha256_file
+from worker.scoring.checkpoint import MANIFEST, Manifest, PlainName, plain_name, read_manifest, sha256_file
 
 if TYPE_CHECKING:
     from worker.settings import Settings
@@ -35,14 +35,14 @@ HISTORY_LIMIT = 50
 
 
 class PointerEntry(BaseModel):
-    version: str
+    version: PlainName
     promoted_at: datetime = Field(default_factory=utcnow)
     promoted_by: str = "unknown"
     action: str = "promote"
 
 
 class Pointer(BaseModel):
-    version: str
+    version: PlainName
     promoted_at: datetime
     promoted_by: str
     history: list[PointerEntry] = Field(default_factory=list)  # newest last, includes the current entry
@@ -149,13 +149,21 @@ class Registry:
         return self.store.root
 
     def uri_for(self, version: str) -> str:
-        return self.store.uri(f"versions/{version}")
+        return self.store.uri(f"versions/{_version_name(version)}")
 
     def manifest(self, version: str) -> Manifest:
-        raw = self.store.read(f"versions/{version}/{MANIFEST}")
+        raw = self.store.read(f"versions/{_version_name(version)}/{MANIFEST}")
         if raw is None:
             raise CheckpointError(f"version {version!r} is not in the registry at {self.root}")
-        return Manifest.model_validate_json(raw)
+        try:
+            manifest = Manifest.model_validate_json(raw)
+        except (ValidationError, UnicodeDecodeError) as exc:
+            raise InvalidCheckpoint(f"invalid {MANIFEST} of version {version!r}: {exc}") from exc
+        if manifest.version != version:
+            raise InvalidCheckpoint(
+                f"versions/{version}/{MANIFEST} names another version {manifest.version!r}"
+            )
+        return manifest
 
     def versions(self) -> list[Manifest]:
         out = []
@@ -184,7 +192,12 @@ class Registry:
 
     def pointer(self) -> Pointer | None:
         raw = self.store.read(POINTER)
-        return None if raw is None else Pointer.model_validate_json(raw)
+        if raw is None:
+            return None
+        try:
+            return Pointer.model_validate_json(raw)
+        except (ValidationError, UnicodeDecodeError) as exc:
+            raise InvalidCheckpoint(f"invalid {POINTER} in the registry at {self.root}: {exc}") from exc
 
     def current_version(self) -> str | None:
         p = self.pointer()
@@ -217,6 +230,14 @@ class Registry:
             if entry.version != p.version:
                 return self._flip(entry.version, by, "rollback")
         raise CheckpointError(f"nothing to roll back to: {p.version} is the only version ever current")
+
+
+def _version_name(version: str) -> str:
+    """Versions become folder names and S3 keys: refuse anything that could point outside ``versions/``."""
+    try:
+        return plain_name(version)
+    except ValueError as exc:
+        raise CheckpointError(f"invalid version name: {exc}") from exc
 
 
 def open_registry(settings: Settings, root: str | None = None) -> Registry:

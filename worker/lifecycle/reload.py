@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from worker.errors import CheckpointError
+from worker.errors import CheckpointError, InvalidCheckpoint
 from worker.lifecycle import shadow
 from worker.ops.metrics import Metrics
 from worker.records import utcnow
@@ -256,12 +256,28 @@ class ModelWatcher:
             )
         # Newest first: if ``current`` is broken, serve the last good version rather than nothing.
         candidates = [pointer.version] + [e.version for e in reversed(pointer.history)]
+        refused: dict[str, str] = {}
         for version in dict.fromkeys(candidates):
             try:
-                return self._load(self.registry.uri_for(version), expect=version)
+                scorer = self._load(self.registry.uri_for(version), expect=version)
             except Refused as exc:
                 self._refuse(version, exc)
-        raise CheckpointError(f"no version in the registry at {self.registry.root} passes validation")
+                refused[version] = exc.reason
+                continue
+            if version != pointer.version:
+                self.metrics.model_fallbacks.inc()
+                log.error(
+                    "model_fallback",
+                    model_version=version,
+                    current_version=pointer.version,
+                    refused=refused,
+                    message=f"current version {pointer.version} was refused; serving the last good version "
+                    f"{version} until a version that validates is promoted",
+                )
+            return scorer
+        raise CheckpointError(
+            f"no version in the registry at {self.registry.root} passes validation (refused: {refused})"
+        )
 
     def _check_current(self) -> None:
         try:
@@ -327,27 +343,41 @@ class ModelWatcher:
 
         s = self.settings
         device = s.resolved_device()
-        unreadable: tuple[type[Exception], ...] = (CheckpointError, OSError, ValueError, *_s3_errors())
+        unreadable: tuple[type[Exception], ...] = (CheckpointError, OSError, *_s3_errors())
         try:
             path = fetch_checkpoint(uri, s)
             manifest = read_manifest(path)
+        except InvalidCheckpoint as exc:  # e.g. a traversal weights name, crop size out of range
+            raise Refused("manifest", str(exc)) from exc
         except unreadable as exc:
             raise Refused("unreadable", str(exc)) from exc
+        except Exception as exc:  # anything else a hostile manifest provokes is still a refusal, not a crash
+            raise Refused("manifest", f"{type(exc).__name__}: {exc}") from exc
         if expect is not None and manifest.version != expect:
             raise Refused("version_mismatch", f"manifest at {uri} says {manifest.version}, expected {expect}")
         try:
             ckpt = load_checkpoint(path, s, device=device)
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            raise Refused("out_of_memory", str(exc)) from exc
+        except InvalidCheckpoint as exc:
+            raise Refused("weights", str(exc)) from exc
         except CheckpointError as exc:
             reason = "checksum" if "sha256" in str(exc) else "weights"
             raise Refused(reason, str(exc)) from exc
-        except torch.cuda.OutOfMemoryError as exc:
-            raise Refused("out_of_memory", str(exc)) from exc
+        except OSError as exc:
+            raise Refused("unreadable", str(exc)) from exc
+        except Exception as exc:
+            raise Refused("weights", f"{type(exc).__name__}: {exc}") from exc
         try:
             check_golden(ckpt, device, s.golden_tolerance)
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            raise Refused("out_of_memory", str(exc)) from exc
+        except InvalidCheckpoint as exc:
+            raise Refused("non_finite" if "non-finite" in str(exc) else "golden", str(exc)) from exc
         except CheckpointError as exc:
             raise Refused("golden", str(exc)) from exc
-        except torch.cuda.OutOfMemoryError as exc:
-            raise Refused("out_of_memory", str(exc)) from exc
+        except Exception as exc:
+            raise Refused("inference", f"{type(exc).__name__}: {exc}") from exc
         n = s.reload_warmup_batch
         dummy = np.zeros((n, manifest.crop_size, manifest.crop_size, 3), dtype=np.uint8)
         try:
@@ -356,10 +386,16 @@ class ModelWatcher:
             if tuple(out.shape) != (n, 1):
                 raise Refused("output_shape", f"model output {tuple(out.shape)} on {n} crops, want ({n}, 1)")
             scorer = Scorer(ckpt, s)
-            scorer.logits(dummy)  # warm-up through the exact serving path (compile, autocast, allocator)
-        except torch.cuda.OutOfMemoryError as exc:
+            warm = scorer.logits(
+                dummy
+            )  # warm-up through the exact serving path (compile, autocast, allocator)
+            if not (bool(torch.isfinite(out).all()) and bool(np.isfinite(warm).all())):
+                raise Refused("non_finite", f"model gave non-finite outputs on warm-up crops: {warm[:4]}")
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             raise Refused("out_of_memory", str(exc)) from exc
-        except RuntimeError as exc:
+        except Refused:
+            raise
+        except Exception as exc:
             raise Refused("inference", f"{type(exc).__name__}: {exc}") from exc
         return scorer
 

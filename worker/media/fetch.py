@@ -7,11 +7,13 @@ decides ``error`` at once; network hiccups raise transient ones, retried here wi
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from worker.errors import ErrorReason, FetchError
+from worker.media.local import LocalFiles
 from worker.media.s3 import S3Uri, make_client
 
 if TYPE_CHECKING:
@@ -23,8 +25,15 @@ _CHUNK = 1 << 16
 class Fetcher:
     """Holds the clients (S3, HTTP) so they are built once per process, not per image."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, extra_local: Iterable[str | Path] = ()) -> None:
+        """``extra_local``: files or folders a trusted caller named itself (the CLI's arguments), allowed on
+        top of ``settings.local_roots``."""
         self.settings = settings
+        self.local = LocalFiles(
+            [*settings.local_roots, *extra_local],
+            max_bytes=settings.max_bytes,
+            timeout_s=settings.local_read_timeout_s,
+        )
         self._s3: Any = None
         self._http: Any = None
 
@@ -65,22 +74,7 @@ class Fetcher:
         raise FetchError(ErrorReason.UNSUPPORTED_URI, f"scheme {scheme!r} is not supported: {uri[:200]}")
 
     def _fetch_file(self, uri: str) -> bytes:
-        path = Path(unquote(urlsplit(uri).path)) if uri.startswith("file://") else Path(uri)
-        try:
-            size = path.stat().st_size
-            if size > self.settings.max_bytes:
-                raise FetchError(ErrorReason.TOO_MANY_BYTES, f"{size} bytes > cap {self.settings.max_bytes}")
-            with path.open("rb") as fh:
-                data = fh.read(self.settings.max_bytes + 1)
-        except FileNotFoundError as exc:
-            raise FetchError(ErrorReason.FILE_NOT_FOUND, f"no such file: {path}") from exc
-        except IsADirectoryError as exc:
-            raise FetchError(ErrorReason.FILE_NOT_FOUND, f"is a directory: {path}") from exc
-        except PermissionError as exc:
-            raise FetchError(ErrorReason.FETCH_FAILED, f"permission denied: {path}") from exc
-        if len(data) > self.settings.max_bytes:
-            raise FetchError(ErrorReason.TOO_MANY_BYTES, f"file grew past cap {self.settings.max_bytes}")
-        return data
+        return self.local.read(uri)
 
     def _fetch_s3(self, uri: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -105,6 +105,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.model_fallbacks = Counter(
+            "moderation_model_fallbacks",
+            "Starts that served an older version because the current one was refused.",
+            registry=r,
+        )
 
         # --- queue ----------------------------------------------------------------------------------
         self.queue_depth = Gauge(

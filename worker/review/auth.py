@@ -218,41 +218,101 @@ def safe_next(target: str | None, default: str = "/queue") -> str:
     return target
 
 
-class LoginThrottle:
-    """Bounds what an anonymous client can make the host do through ``POST /login``.
+# One atomic step per sign-in attempt, for every key it is limited by (the client, the name): refuse with the
+# longest wait any key still owes, else count the attempt against every key before the password is checked.
+# Counting first is what makes the limit hold under concurrency: 40 simultaneous guesses see 40 increments.
+_ATTEMPT = """
+local now = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local wait = 0
+for i, key in ipairs(KEYS) do
+  local free = tonumber(ARGV[3 * i])
+  local base = tonumber(ARGV[3 * i + 1])
+  local cap = tonumber(ARGV[3 * i + 2])
+  local n = tonumber(redis.call('HGET', key, 'n') or '0')
+  local last = tonumber(redis.call('HGET', key, 'last') or '0')
+  if n >= free then
+    local delay = math.min(base * math.pow(2, n - free), cap)
+    wait = math.max(wait, last + delay - now)
+  end
+end
+if wait > 0 then
+  return tostring(wait)
+end
+for _, key in ipairs(KEYS) do
+  redis.call('HINCRBY', key, 'n', 1)
+  redis.call('HSET', key, 'last', tostring(now))
+  redis.call('EXPIRE', key, ttl)
+end
+return '0'
+"""
 
-    Each argon2 verify costs 64 MiB and a core for a moment, and the form is reachable without an account, so
-    concurrent verifies are capped, and a name with too many recent failures is turned away (HTTP 429) until
-    its window passes. Per process, in memory: enough for one review host.
+
+class LoginThrottle:
+    """Bounds what an anonymous client can make the host do through ``POST /login``, shared by every process
+    of the page through Redis.
+
+    Two limits, checked and counted in one Lua step: per client address, an exponential delay after a few
+    free failures (1 s, 2 s, 4 s ... up to a quarter of an hour), which is what slows a guesser down; and per
+    account name, the same shape with a low ceiling (seconds), which bounds a guesser spread over many
+    addresses without letting anyone lock the owner out: the owner at worst waits that ceiling. A success
+    clears both. Concurrent argon2 verifies (64 MiB and a core each) are capped per process, and a request
+    that cannot get a slot at once is answered 429 instead of holding a server thread.
     """
 
-    def __init__(self, max_concurrent: int = 2, max_failures: int = 10, window_s: float = 600.0) -> None:
-        self.slots = threading.BoundedSemaphore(max_concurrent)
-        self.max_failures = max_failures
-        self.window_s = window_s
-        self._failures: dict[str, list[float]] = {}
-        self._lock = threading.Lock()
+    def __init__(self, client: Any, namespace: str, settings: Settings) -> None:
+        self.r = client
+        self.ns = namespace
+        self.settings = settings
+        self.slots = threading.BoundedSemaphore(settings.review_login_concurrency)
+        self._attempt = client.register_script(_ATTEMPT)
 
-    def _recent(self, key: str, now: float) -> list[float]:
-        times = [t for t in self._failures.get(key, []) if now - t < self.window_s]
-        if times:
-            self._failures[key] = times
-        else:
-            self._failures.pop(key, None)
-        return times
+    def keys(self, address: str, name: str) -> list[str]:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:32]  # any text fits a key, none is echoed
+        return [f"{self.ns}:review:login:client:{address}", f"{self.ns}:review:login:name:{digest}"]
 
-    def locked(self, *keys: str) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            return any(len(self._recent(k, now)) >= self.max_failures for k in keys)
+    def attempt(self, address: str, name: str) -> float:
+        """0 when this attempt may check a password (and is now counted), else seconds to wait."""
+        s = self.settings
+        ttl = int(max(s.review_login_max_delay_s, s.review_login_name_max_delay_s) * 4 + 3600)
+        args = [
+            time.time(),
+            ttl,
+            s.review_login_free_attempts,
+            s.review_login_delay_s,
+            s.review_login_max_delay_s,
+            s.review_login_name_free_attempts,
+            s.review_login_delay_s,
+            s.review_login_name_max_delay_s,
+        ]
+        return max(0.0, float(self._attempt(keys=self.keys(address, name), args=args)))
 
-    def failed(self, *keys: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for k in keys:
-                self._failures.setdefault(k, []).append(now)
+    def succeeded(self, address: str, name: str) -> None:
+        self.r.delete(*self.keys(address, name))
 
-    def succeeded(self, *keys: str) -> None:
-        with self._lock:
-            for k in keys:
-                self._failures.pop(k, None)
+
+class Sessions:
+    """Server-side session ids: the cookie only names one, so signing out (or an admin) can revoke it."""
+
+    def __init__(self, client: Any, namespace: str, max_age_s: int) -> None:
+        self.r = client
+        self.ns = namespace
+        self.max_age_s = max_age_s
+
+    def _key(self, sid: str) -> str:
+        return f"{self.ns}:review:session:{sid}"
+
+    def create(self, name: str) -> str:
+        sid = secrets.token_urlsafe(32)
+        self.r.set(self._key(sid), name, ex=self.max_age_s)
+        return sid
+
+    def user(self, sid: object) -> str | None:
+        if not isinstance(sid, str) or not 20 <= len(sid) <= 100:
+            return None
+        raw = self.r.get(self._key(sid))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    def revoke(self, sid: object) -> None:
+        if isinstance(sid, str) and len(sid) <= 100:
+            self.r.delete(self._key(sid))

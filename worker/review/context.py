@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from worker.delivery.store import DecisionStore
 from worker.media.fetch import Fetcher
 from worker.records import Decision
-from worker.review.auth import Directory, LoginThrottle
+from worker.review.auth import Directory, LoginThrottle, Sessions
 from worker.review.heatmap import Heatmaps
 from worker.review.media import LRU, Images
 from worker.settings import Settings
@@ -29,8 +29,9 @@ class Review:
     images: Images
     heatmaps: Heatmaps
     templates: Jinja2Templates
+    throttle: LoginThrottle
+    sessions: Sessions
     thumbs: LRU[bytes] = field(default_factory=lambda: LRU(256))
-    throttle: LoginThrottle = field(default_factory=LoginThrottle)
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     @classmethod
@@ -48,6 +49,8 @@ class Review:
             templates=make_templates(HERE / "templates"),
             thumbs=LRU(settings.review_cache_items),
             metrics=backlog_registry(store),
+            throttle=LoginThrottle(store.r, settings.namespace, settings),
+            sessions=Sessions(store.r, settings.namespace, settings.review_session_max_age_s),
         )
 
     def decision_or_404(self, event_id: str) -> Decision:

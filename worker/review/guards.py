@@ -28,7 +28,9 @@ def session_user(request: Request, review: Review) -> User | None:
     """The signed-in user, re-read on every request: a session ends as soon as its account is removed or
     loses its password (``moderation review disable-user``)."""
     name = request.session.get("user")
-    user = review.directory.get(name) if isinstance(name, str) else None
+    if not isinstance(name, str) or review.sessions.user(request.session.get("sid")) != name:
+        return None  # signed out (the server-side session is gone) or never signed in
+    user = review.directory.get(name)
     return user if user is not None and user.hash else None
 
 

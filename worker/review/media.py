@@ -111,16 +111,23 @@ class Images:
     def __init__(self, fetcher: Fetcher, capacity: int = 4) -> None:
         self.fetcher = fetcher
         self._cache: LRU[Image.Image] = LRU(capacity)
+        # Kept images are outside the decode budget, so together they may hold at most half of it.
+        self.max_cached_bytes = fetcher.settings.max_decode_bytes // (2 * self._cache.capacity)
 
     def decoded(self, uri: str) -> Image.Image:
         """RGB in display orientation; raises :class:`~worker.errors.ModerationError` with a reason."""
-
-        def make() -> Image.Image:
-            s = self.fetcher.settings
-            data = self.fetcher.fetch(uri)
-            return decode_image(data, max_pixels=s.max_pixels, allowed_formats=s.allowed_formats)
-
-        return self._cache.get_or_make(uri, make)
+        hit = self._cache.get(uri)
+        if hit is not None:
+            return hit
+        s = self.fetcher.settings
+        data = self.fetcher.fetch(uri)
+        # The same memory budget as the worker's decodes: thumbnails of hostile images cannot pile up.
+        img = decode_image(
+            data, max_pixels=s.max_pixels, allowed_formats=s.allowed_formats, max_bytes=s.max_decode_bytes
+        )
+        if img.width * img.height * 4 <= self.max_cached_bytes:  # Pillow stores RGB in 4 bytes per pixel
+            self._cache.put(uri, img)
+        return img
 
     def for_display(self, decision: Decision) -> Image.Image:
         img = self.decoded(decision.image_uri)

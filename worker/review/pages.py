@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 from urllib.parse import parse_qsl, quote
 
@@ -70,29 +71,38 @@ def login(
     csrf: Csrf = "",
 ) -> Response:
     check_post(request, review, csrf)
-    # Keyed by name only: behind a proxy every client shares one address, and one noisy client must not
-    # lock everybody out.
-    keys = (f"user:{username.strip()}",)
+    # The client address is uvicorn's (X-Forwarded-For from the proxies in --forwarded-allow-ips).
+    address = request.client.host if request.client else "unknown"
+    name = username.strip()
     ctx = {"next": safe_next(next), "error": "Too many attempts: try again later.", "username": username}
-    if review.throttle.locked(*keys) or not review.throttle.slots.acquire(timeout=10):
-        return render(request, review, "login.html", ctx, 429)
+    wait = review.throttle.attempt(address, name)
+    if wait > 0:
+        ctx["error"] = f"Too many attempts: try again in {math.ceil(wait)} s."
+        refused = render(request, review, "login.html", ctx, 429)
+        refused.headers["Retry-After"] = str(math.ceil(wait))
+        return refused
+    if not review.throttle.slots.acquire(timeout=0.5):  # a flood must not hold every server thread
+        busy = render(request, review, "login.html", ctx, 429)
+        busy.headers["Retry-After"] = "1"
+        return busy
     try:
-        user = review.directory.authenticate(username.strip(), password)
+        user = review.directory.authenticate(name, password)
     finally:
         review.throttle.slots.release()
     if user is None:
-        review.throttle.failed(*keys)
         ctx["error"] = "Wrong name or password."
         return render(request, review, "login.html", ctx, 401)
-    review.throttle.succeeded(*keys)
+    review.throttle.succeeded(address, name)
+    review.sessions.revoke(request.session.get("sid"))
     request.session.clear()  # a new session on sign-in: nothing planted before it survives
-    request.session.update(user=user.name, csrf=new_csrf_token())
+    request.session.update(user=user.name, sid=review.sessions.create(user.name), csrf=new_csrf_token())
     return RedirectResponse(safe_next(next), status_code=303)
 
 
 @router.post("/logout")
 def logout(request: Request, review: Ctx, csrf: Csrf = "") -> Response:
     check_post(request, review, csrf)
+    review.sessions.revoke(request.session.get("sid"))  # a copy of the cookie stops working too
     request.session.clear()
     return RedirectResponse("/login", status_code=303)
 

@@ -6,6 +6,7 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,9 +27,20 @@ from worker.review.queue import QueueQuery
 IMAGE_CACHE = "private, max-age=600"
 
 
+def urlencode_all(value: Any) -> str:
+    """Jinja's ``urlencode`` keeps ``/``, so an id like ``../admin`` became another page's link; ids are one
+    path segment: escape everything (mappings and pairs still make query strings, as Jinja's filter does)."""
+    from jinja2.filters import do_urlencode
+    from markupsafe import Markup
+
+    if isinstance(value, str | Markup):
+        return quote(str(value), safe="")
+    return do_urlencode(value)
+
+
 def make_templates(directory: Path) -> Jinja2Templates:
     templates = Jinja2Templates(directory=directory)
-    templates.env.filters.update(ts=fmt_time, ago=fmt_ago, age_class=age_class)
+    templates.env.filters.update(ts=fmt_time, ago=fmt_ago, age_class=age_class, urlencode=urlencode_all)
     templates.env.globals.update(source_of=image_source, CSRF_FIELD=CSRF_FIELD)
     return templates
 

@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from worker.errors import CheckpointError
+from worker.errors import CheckpointError, InvalidCheckpoint
 from worker.media.s3 import S3Uri, make_client
 from worker.records import Thresholds, utcnow
 from worker.scoring.golden import GOLDEN_NAMES, golden_crops
@@ -35,10 +37,32 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+MAX_CROP_SIZE = (
+    1024  # ConvNeXt-Tiny at 1024 px is ~21x the work of 224 px; beyond it is a mistake or an attack
+)
+MAX_NUM_CROPS = 64
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+
+
+def plain_name(value: str) -> str:
+    """A file or version name that stays inside its folder on disk and on S3: no separator, no ``..``."""
+    if not _PLAIN_NAME.fullmatch(value) or ".." in value:
+        raise ValueError(f"{value[:100]!r} is not a plain name (letters, digits, . _ + -; no '..', no '/')")
+    return value
+
+
+def weights_name(value: str) -> str:
+    plain_name(value)
+    if not value.endswith(".safetensors"):
+        raise ValueError(f"weights file {value!r} is not a .safetensors file")
+    return value
+
+
+PlainName = Annotated[str, AfterValidator(plain_name)]
 
 
 class GoldenScore(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     name: str
     logit: float
@@ -48,10 +72,10 @@ class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True, protected_namespaces=())
 
     format_version: Literal[1] = 1
-    version: str
-    arch: str
-    crop_size: int = Field(224, ge=8)
-    num_crops: int = Field(1, ge=1)
+    version: PlainName
+    arch: Annotated[str, Field(min_length=1, max_length=200)]
+    crop_size: int = Field(224, ge=8, le=MAX_CROP_SIZE)
+    num_crops: int = Field(1, ge=1, le=MAX_NUM_CROPS)
     aggregation: Literal["max", "mean"] = "max"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -60,10 +84,19 @@ class Manifest(BaseModel):
     data_snapshot: str | None = None
     parent_version: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
-    weights_file: str = WEIGHTS
-    weights_sha256: str
+    weights_file: Annotated[str, AfterValidator(weights_name)] = WEIGHTS
+    weights_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     golden: list[GoldenScore] = Field(default_factory=list)
     notes: str = ""
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _finite(cls, value: tuple[float, float, float], info: Any) -> tuple[float, float, float]:
+        if not all(math.isfinite(v) for v in value):
+            raise ValueError(f"{info.field_name} must be finite")
+        if info.field_name == "std" and not all(v > 0 for v in value):
+            raise ValueError("std must be positive")
+        return value
 
 
 @dataclass
@@ -128,8 +161,8 @@ def read_manifest(path: Path) -> Manifest:
         return Manifest.model_validate_json((path / MANIFEST).read_text())
     except FileNotFoundError as exc:
         raise CheckpointError(f"no {MANIFEST} in {path}") from exc
-    except ValidationError as exc:
-        raise CheckpointError(f"invalid {MANIFEST} in {path}: {exc}") from exc
+    except (ValidationError, UnicodeDecodeError) as exc:
+        raise InvalidCheckpoint(f"invalid {MANIFEST} in {path}: {exc}") from exc
 
 
 def fetch_checkpoint(uri: str, settings: Settings | None = None, cache_dir: Path | None = None) -> Path:
@@ -152,9 +185,10 @@ def fetch_checkpoint(uri: str, settings: Settings | None = None, cache_dir: Path
         manifest = Manifest.model_validate_json(raw)
     except ClientError as exc:
         raise CheckpointError(f"cannot read {uri}/{MANIFEST}: {exc}") from exc
-    except ValidationError as exc:
-        raise CheckpointError(f"invalid {MANIFEST} at {uri}: {exc}") from exc
-    cache = (cache_dir or settings.home / "cache" / "checkpoints") / manifest.weights_sha256
+    except (ValidationError, UnicodeDecodeError) as exc:
+        raise InvalidCheckpoint(f"invalid {MANIFEST} at {uri}: {exc}") from exc
+    # Keyed by the manifest's own hash: two versions may share weights but never a manifest.
+    cache = (cache_dir or settings.home / "cache" / "checkpoints") / hashlib.sha256(raw).hexdigest()
     if (cache / MANIFEST).is_file() and (cache / manifest.weights_file).is_file():
         return cache
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -176,22 +210,33 @@ def fetch_checkpoint(uri: str, settings: Settings | None = None, cache_dir: Path
 
 def load_checkpoint(uri: str | Path, settings: Settings | None = None, device: str = "cpu") -> Checkpoint:
     """Verify the checksum, then build the model and load its weights strictly."""
+    import timm
+
     path = fetch_checkpoint(str(uri), settings)
     manifest = read_manifest(path)
     weights = path / manifest.weights_file
-    if not weights.is_file():
-        raise CheckpointError(f"weights file {weights} is missing")
+    if weights.is_symlink() or not weights.is_file():
+        raise CheckpointError(f"weights file {manifest.weights_file} of {manifest.version} is missing")
     actual = sha256_file(weights)
     if actual != manifest.weights_sha256:
         raise CheckpointError(
             f"weights sha256 mismatch for {manifest.version}: manifest says "
             f"{manifest.weights_sha256[:16]}..., file is {actual[:16]}...; refusing to load"
         )
-    model = create_model(manifest.arch)
+    if not timm.is_model(manifest.arch):
+        raise InvalidCheckpoint(f"{manifest.version}: unknown architecture {manifest.arch[:100]!r}")
     try:
-        model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+        model = create_model(manifest.arch)
+    except Exception as exc:  # timm raises several types for names it lists but cannot build
+        raise InvalidCheckpoint(f"{manifest.version}: cannot build {manifest.arch!r}: {exc}") from exc
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as exc:  # SafetensorError, OSError, ...: whatever it is, it is not our weights format
+        raise InvalidCheckpoint(f"{manifest.version}: weights are not a safetensors file: {exc}") from exc
+    try:
+        model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"weights do not fit {manifest.arch}: {exc}") from exc
+        raise InvalidCheckpoint(f"weights do not fit {manifest.arch}: {exc}") from exc
     model.eval().to(device)
     return Checkpoint(manifest=manifest, model=model, path=path)
 
@@ -203,7 +248,12 @@ def check_golden(ckpt: Checkpoint, device: str = "cpu", tolerance: float = 0.05)
         raise CheckpointError(f"{m.version} has no golden reference scores")
     got = golden_logits(ckpt.model, m.crop_size, m.mean, m.std, device)
     if len(got) != len(m.golden):
-        raise CheckpointError(f"{m.version}: model gave {len(got)} golden outputs, expected {len(m.golden)}")
+        raise InvalidCheckpoint(
+            f"{m.version}: model gave {len(got)} golden outputs, expected {len(m.golden)}"
+        )
+    if not all(math.isfinite(v) for v in got):
+        # NaN compares false with every tolerance, so it must be refused before any comparison.
+        raise InvalidCheckpoint(f"{m.version}: non-finite golden outputs {got}")
     want = np.array([g.logit for g in m.golden])
     drift = np.abs(_sigmoid(np.array(got)) - _sigmoid(want))
     if float(drift.max()) > tolerance:

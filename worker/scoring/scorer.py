@@ -22,7 +22,7 @@ import torch
 from worker.errors import ErrorReason, ModerationError
 from worker.media import jpeg
 from worker.media.crops import CropSpec, aggregate, inference_crops
-from worker.media.decode import decode_image
+from worker.media.decode import decoded
 from worker.media.fetch import Fetcher
 from worker.media.jpeg import JpegDecoder, Pending
 from worker.records import Box, CropScore, Decision, Event, Verdict
@@ -67,9 +67,15 @@ def prepare(uri: str, fetcher: Fetcher, spec: CropSpec, *, defer_jpeg: bool = Fa
 def prepare_bytes(data: bytes, spec: CropSpec, settings: Settings) -> Prepared:
     """Decode (Pillow) and crop bytes already fetched; raises :class:`DecodeError` with a reason."""
     t0 = time.perf_counter()
-    img = decode_image(data, max_pixels=settings.max_pixels, allowed_formats=settings.allowed_formats)
-    size = img.size
-    crops, boxes = inference_crops(img, spec)
+    # The decoded image counts against the decode budget until its crops are cut.
+    with decoded(
+        data,
+        max_pixels=settings.max_pixels,
+        allowed_formats=settings.allowed_formats,
+        max_bytes=settings.max_decode_bytes,
+    ) as img:
+        size = img.size
+        crops, boxes = inference_crops(img, spec)
     return Prepared(crops, boxes, size, {"decode_crop": (time.perf_counter() - t0) * 1e3})
 
 
@@ -152,6 +158,12 @@ class Scorer:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def decide(self, event: Event, prepared: Prepared, crop_logits: np.ndarray) -> Decision:
+        if not np.isfinite(crop_logits).all():
+            # NaN fails every threshold comparison, so it would read as ``allow``: never let it decide.
+            exc = ModerationError(
+                ErrorReason.MODEL_OUTPUT_INVALID, f"model {self.version} gave non-finite crop logits"
+            )
+            return error_decision(event, exc, self.version)
         logit, deciding = aggregate(crop_logits, self.aggregation)
         score = _sigmoid(logit)
         thresholds = self.manifest.thresholds
