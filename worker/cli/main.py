@@ -11,7 +11,7 @@ from importlib.metadata import entry_points
 
 import typer
 
-from worker.cli import dlq, queue, registry, review, score
+from worker.cli import api, dlq, queue, registry, review, score
 
 
 def build_app() -> typer.Typer:
@@ -29,6 +29,7 @@ def build_app() -> typer.Typer:
     registry.register(app)
     review.register(app, labels_app)
     dlq.register(app)
+    api.register(app)
     for plugin in entry_points(group="moderation.cli"):
         plugin.load()(app, labels_app)
     return app

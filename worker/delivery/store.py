@@ -218,6 +218,9 @@ class DecisionStore:
         )
         pipe.zrem(self.keys.review, event_id)
         pipe.execute()
+        from worker.delivery.webhook import WebhookQueue  # the final verdict reaches the event's callback too
+
+        WebhookQueue(self.r, self.keys.ns).enqueue_final(updated)
         return updated
 
     def overrides(self, count: int | None = None) -> list[dict[str, str]]:
