@@ -314,7 +314,9 @@ class Dispatcher:
 
     def start(self) -> Dispatcher:
         if self.signer is None:
-            log.error("webhook_secret_missing", detail=f"callbacks are dead-lettered unsent; {SECRET_HELP}")
+            log.warning(
+                "webhook_secret_missing", detail=f"callbacks would be dead-lettered unsent; {SECRET_HELP}"
+            )
         for t in self._threads:
             t.start()
         return self
@@ -414,7 +416,7 @@ class Webhooks:
         )
         self.dispatcher: Dispatcher | None = None
         if settings.webhook_dispatch_in_worker:  # also delivers overrides and jobs other processes left
-            self.dispatcher = Dispatcher(settings, registry).start()
+            self.dispatcher = Dispatcher(settings, registry, threads=2).start()
 
     def send(self, url: str, decision: Decision) -> str:
         """Schedule ``decision`` for ``url``; returns the webhook id (the same for a repeated send)."""
