@@ -206,6 +206,10 @@ class DecisionStore:
             "note": note[:2000],
             "at": utcnow().isoformat(),
         }
+        from worker.delivery.webhook import WebhookQueue  # the final verdict reaches the event's callback too
+
+        hooks = WebhookQueue(self.r, self.keys.ns)
+        callback = hooks.callback_of(event_id)
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self.keys.decision(event_id), updated.to_json())
         pipe.xadd(self.keys.overrides, audit)
@@ -217,10 +221,9 @@ class DecisionStore:
             approximate=True,
         )
         pipe.zrem(self.keys.review, event_id)
+        if callback is not None:  # in the same MULTI: an override never misses its callback
+            hooks.enqueue(callback, updated, remember=False, pipe=pipe)
         pipe.execute()
-        from worker.delivery.webhook import WebhookQueue  # the final verdict reaches the event's callback too
-
-        WebhookQueue(self.r, self.keys.ns).enqueue_final(updated)
         return updated
 
     def overrides(self, count: int | None = None) -> list[dict[str, str]]:

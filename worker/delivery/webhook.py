@@ -183,7 +183,8 @@ class WebhookQueue:
         self._enqueue = client.register_script(_ENQUEUE)
         self._claim = client.register_script(_CLAIM)
 
-    def enqueue(self, url: str, decision: Decision, remember: bool = True) -> str:
+    def enqueue(self, url: str, decision: Decision, remember: bool = True, pipe: Any = None) -> str:
+        """Schedule a delivery (once per url and body); inside ``pipe`` when given, else on its own."""
         body = envelope(decision)
         jid = job_id(url, body)
         job = {
@@ -195,19 +196,21 @@ class WebhookQueue:
             "created_at": utcnow().isoformat(),
             "last_error": "",
         }
-        pipe = self.r.pipeline(transaction=True)
+        own = pipe is None
+        pipe = self.r.pipeline(transaction=True) if own else pipe
         if remember:
             pipe.set(self.keys.callback(decision.event_id), url, ex=CALLBACK_TTL_S)
         self._enqueue(
             keys=[self.keys.due, self.keys.jobs], args=[jid, json.dumps(job), time.time()], client=pipe
         )
-        pipe.execute()
+        if own:
+            pipe.execute()
         return jid
 
-    def enqueue_final(self, decision: Decision) -> str | None:
-        """Queue a moderator's verdict for the event's callback, if the event asked for one."""
-        url = self.r.get(self.keys.callback(decision.event_id))
-        return None if url is None else self.enqueue(str(url), decision, remember=False)
+    def callback_of(self, event_id: str) -> str | None:
+        """The callback URL the event asked for (recorded when its first decision was sent)."""
+        url = self.r.get(self.keys.callback(event_id))
+        return None if url is None else str(url)
 
     def claim(self, count: int, lease_s: float, now: float | None = None) -> list[dict[str, Any]]:
         now = time.time() if now is None else now
