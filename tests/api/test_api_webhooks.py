@@ -274,3 +274,38 @@ def test_callback_url_policy(url: str, allowed: bool) -> None:
         callback_allow_hosts=["hooks.example.com", "*.svc.example.com", "10.0.0.5:9000", "[::1]:8443"]
     )
     assert (callback_refusal(settings, url) is None) == allowed, callback_refusal(settings, url)
+
+
+def test_webhooks_run_delivers_on_its_own_and_counts_outcomes(redis_url: str, tmp_path: Path) -> None:
+    receiver = Receiver(free_port(), SECRET).start()
+    env = api_env(redis_url, tmp_path, **hook_env(receiver.port))
+    metrics_port = free_port()
+    missing = run_cli(
+        "webhooks", "run", env={k: v for k, v in env.items() if k != "MODERATION_WEBHOOK_SECRET"}
+    )
+    assert missing.returncode == 2 and "MODERATION_WEBHOOK_SECRET" in missing.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "webhooks", "run", "--metrics-port", str(metrics_port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        settings = Settings(redis_url=redis_url, home=tmp_path, webhook_dispatch_in_worker=False)
+        Webhooks(settings).send(receiver.url, _decision("standalone"))
+        got = eventually(receiver.verified, 60, "delivered by `moderation webhooks run`")
+        assert got[0]["data"]["event_id"] == "standalone"  # type: ignore[index]
+
+        def counted() -> bool:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", trust_env=False).text
+            except httpx.HTTPError:
+                return False
+            return 'moderation_webhook_deliveries_total{outcome="delivered"} 1.0' in text
+
+        eventually(counted, 30, "the delivery counted")
+    finally:
+        proc.terminate()
+        rc = proc.wait(30)
+        receiver.stop()
+    assert rc == 0
