@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import redis
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -24,6 +25,8 @@ from worker.delivery.store import DecisionStore
 from worker.delivery.webhook import OUTCOMES, WebhookQueue
 from worker.ingress.producer import Producer
 from worker.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 _CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
@@ -144,6 +147,7 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
             return error_json(
                 503, "unavailable", "the decision store is unreachable; retry later", {"Retry-After": "5"}
             )
+        log.error("api_internal_error", path=request.url.path, exc_info=exc)
         return error_json(500, "internal_error", "internal error")
 
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Query, Response
 from fastapi.concurrency import run_in_threadpool
@@ -92,7 +93,7 @@ async def score(
             break
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 0.2)
-    url = f"/v1/decisions/{event.event_id}"
+    url = f"/v1/decisions/{quote(event.event_id, safe='')}"  # headers are latin-1; ids may not be
     body = Pending(event_id=event.event_id, decision_url=url)
     return JSONResponse(body.model_dump(), 202, headers={"Location": url})
 

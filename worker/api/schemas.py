@@ -35,6 +35,7 @@ class Health(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The body could not be read (not UTF-8 JSON)."},
     401: {"model": ErrorResponse, "description": "No token, or an unknown one."},
     403: {"model": ErrorResponse, "description": "The token lacks the scope this route needs."},
     413: {"model": ErrorResponse, "description": "Request body too large."},
