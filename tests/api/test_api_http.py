@@ -219,3 +219,25 @@ def test_openapi_document_is_served_and_matches_the_checked_in_copy(api: ApiProc
     assert {"202", "401", "403", "413", "422", "503"} <= set(post["responses"])
     schemas = served["components"]["schemas"]
     assert {"Event", "Decision", "ErrorResponse", "Accepted"} <= set(schemas)
+
+
+def test_ids_with_slashes_and_unicode_read_back(
+    redis_url: str, api: ApiProc, make_token: Callable[..., str]
+) -> None:
+    from urllib.parse import quote
+
+    from worker.delivery.store import DecisionStore
+
+    store = DecisionStore.from_url(redis_url)
+    odd = Decision(
+        item_id="/data/uploads/2026/a b.jpg",
+        event_id="ev/../Ö匘",
+        image_uri="file:///x.jpg",
+        verdict=Verdict.ALLOW,
+    )
+    assert store.write(odd)
+    with api.client(make_token("t", "read")) as http:
+        by_event = http.get(f"/v1/decisions/{quote(odd.event_id, safe='')}")
+        by_item = http.get(f"/v1/items/{quote(odd.item_id, safe='')}")
+    assert by_event.status_code == 200 and Decision.model_validate_json(by_event.content) == odd
+    assert by_item.status_code == 200 and by_item.json()["event_id"] == odd.event_id

@@ -50,7 +50,7 @@ def submit_events(
     return Accepted(event_ids=[e.event_id for e in events])
 
 
-@v1.get("/decisions/{event_id}", responses=NOT_FOUND)
+@v1.get("/decisions/{event_id:path}", responses=NOT_FOUND)
 def get_decision(event_id: str, api: Ctx, token: Reader) -> Decision:
     """An event's decision (after a moderator's override: the final verdict, ``source`` names who)."""
     decision = api.store.get(event_id)
