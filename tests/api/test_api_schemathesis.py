@@ -35,6 +35,7 @@ def test_generated_requests_match_the_openapi_document(
                 "--seed",
                 "1",
             ],
+            cwd=tmp_path,  # its cache
             capture_output=True,
             text=True,
             timeout=240,

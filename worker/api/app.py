@@ -3,6 +3,7 @@ worker.api.app:app_from_env`` for several processes)."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -28,6 +29,7 @@ from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
 
+_CONVERTOR = re.compile(r":\w+}")
 _CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
@@ -121,7 +123,7 @@ def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
         t0 = time.perf_counter()
         response: Response = await call_next(request)
         route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
+        name = _CONVERTOR.sub("}", getattr(route, "path", "unmatched"))  # the OpenAPI path, bounded labels
         api.metrics.requests.labels(name, str(response.status_code)).inc()
         api.metrics.latency.labels(name).observe(time.perf_counter() - t0)
         response.headers.setdefault("Cache-Control", "no-store")
