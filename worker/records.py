@@ -130,6 +130,8 @@ class Decision(BaseModel):
     source: str = "model"
     batch_id: str | None = None  # the model call that decided it (worker-local counter, for tracing)
     decided_at: datetime = Field(default_factory=utcnow)
+    priority: Priority | None = None  # the event's, carried so readers need not keep the event
+    metadata: dict[str, Any] = Field(default_factory=dict)  # the event's, as the producer sent it
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -89,7 +89,11 @@ class Settings(BaseSettings):
     )
     prefetch: int = Field(256, description="Messages a worker holds unacked; bounds loss-free batching.")
     max_deliveries: int = Field(3, description="Deliveries before an event is dead-lettered.")
-    webhook_secret: str | None = Field(None, description="HMAC-SHA256 key that signs webhook bodies.")
+    webhook_secret: str | None = Field(
+        None,
+        description="Standard Webhooks signing secret (whsec_<base64>; `moderation webhooks secret` makes "
+        "one). Unset: callbacks are refused (dead-lettered), never sent unsigned.",
+    )
 
     # --- operations ---------------------------------------------------------------------------------
     sentry_dsn: str | None = Field(
@@ -104,8 +108,7 @@ class Settings(BaseSettings):
         10, description="How often a live worker sweeps for messages whose visibility timeout expired."
     )
     heartbeat_s: float = Field(5.0, description="Worker heartbeat (and queue-depth sample) period.")
-    webhook_timeout_s: float = 5.0
-    webhook_retries: int = Field(3, description="Attempts per webhook, with exponential backoff.")
+    webhook_timeout_s: float = Field(5.0, description="Read timeout of one webhook delivery.")
     reap_grace_s: float | None = Field(
         None,
         description="An undecided event missing from queues and workers this long is re-sent "
@@ -230,6 +233,40 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Longest delay per name: low, so guessers cannot lock the owner out."
     )
     review_login_concurrency: int = Field(2, ge=1, description="Password checks running at once per process.")
+
+    # --- HTTP API and callbacks -----------------------------------------------------------------------
+    api_host: str = Field("127.0.0.1", description="`moderation api` listens here (0.0.0.0 in a container).")
+    api_port: int = Field(8100, description="`moderation api` port.")
+    api_max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest request body the API reads; larger answers 413."
+    )
+    api_max_events: int = Field(1000, ge=1, description="Events in one POST /v1/events at most.")
+    api_max_backlog: int = Field(
+        100_000,
+        ge=1,
+        description="Submitted, undecided events above which POST /v1/events and /v1/score answer 503 "
+        "(Retry-After) instead of queueing more than the workers can take.",
+    )
+    api_score_timeout_s: float = Field(
+        10.0, gt=0, description="Longest POST /v1/score waits for its decision (then 202 with the event id)."
+    )
+    callback_allow_hosts: list[str] = Field(
+        default_factory=list,
+        description='Hosts a callback_url may name, as "host" (default port only), "host:port" or '
+        '"*.example.com"; empty means callbacks are refused.',
+    )
+    callback_allow_http: bool = Field(
+        False, description="Also allow plain http:// callbacks (https only by default)."
+    )
+    webhook_connect_timeout_s: float = Field(2.0, gt=0, description="Connect timeout of one delivery.")
+    webhook_retry_schedule_s: list[float] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+        description="Delay before each retry of a failed delivery (5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h: "
+        "about 27 h in all); after the last the delivery is dead-lettered.",
+    )
+    webhook_dispatch_in_worker: bool = Field(
+        True, description="Each worker process also runs a webhook dispatcher thread."
+    )
 
     def resolved_device(self) -> str:
         """The torch device to use; a CUDA device this host does not have is a :class:`DeviceUnavailable`."""

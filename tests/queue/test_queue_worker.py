@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ import redis
 
 from tests.core import images
 from tests.worker_proc import running_worker, start_worker
-from worker.delivery.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from worker.errors import ErrorReason
 from worker.ingress.producer import Producer
 from worker.records import Decision, Event, Priority, Verdict
@@ -214,42 +211,3 @@ def test_urgent_events_jump_the_queue(
     urgent_pos = [order.index(e.event_id) for e in urgent]
     assert max(urgent_pos) < 20, urgent_pos
     assert all(got[e.event_id].verdict != Verdict.ERROR for e in urgent)
-
-
-class _Hook(BaseHTTPRequestHandler):
-    received: list[tuple[dict[str, str], bytes]] = []
-    fail_first = 1
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        if _Hook.fail_first > 0:
-            _Hook.fail_first -= 1
-            self.send_response(503)
-            self.end_headers()
-            return
-        _Hook.received.append((dict(self.headers), body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        return None
-
-
-def test_webhook_is_signed_and_retried(
-    redis_url: str, producer: Producer, tiny_checkpoint: Path, image_dir: Path, tmp_path: Path
-) -> None:
-    server = HTTPServer(("127.0.0.1", 0), _Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    secret = "s3cret"
-    try:
-        with running_worker(redis_url, tmp_path, tiny_checkpoint, env={"MODERATION_WEBHOOK_SECRET": secret}):
-            event = producer.submit("hooked", str(image_dir / "good2.jpg"), callback_url=url)
-            decision = wait_for(producer, [event], 60)[event.event_id]
-            _wait_until(lambda: len(_Hook.received) == 1, 30)
-    finally:
-        server.shutdown()
-    headers, body = _Hook.received[0]
-    assert Decision.from_json(body) == decision
-    assert verify(secret, headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
-    assert not verify("wrong", headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])

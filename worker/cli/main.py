@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from worker.cli import archive, dlq, queue, registry, review, score
+from worker.cli import api, archive, dlq, queue, registry, review, score
 from worker.cli.common import one_line_error, say_error
 
 # One example per command, shown under its --help. Kept here, in one table, so every command has one whatever
@@ -73,6 +73,20 @@ EXAMPLES: dict[str, list[str]] = {
     "archive run": ["MODERATION_ARCHIVE_URI=s3://audit/moderation moderation archive run"],
     "archive once": ["moderation archive once --uri /var/lib/moderation/archive"],
     "archive status": ["moderation archive status"],
+    "api": [
+        "moderation api --host 0.0.0.0 --port 8100",
+        "moderation api token create uploader --scope submit",
+    ],
+    "api openapi": ["moderation api openapi > openapi.json"],
+    "api token": ["moderation api token create reader --scope read", "moderation api token list"],
+    "api token create": ["moderation api token create uploader --scope submit,read"],
+    "api token list": ["moderation api token list"],
+    "api token revoke": ["moderation api token revoke uploader"],
+    "webhooks": ["moderation webhooks run --metrics-port 9300", "moderation webhooks dead --json"],
+    "webhooks run": ["MODERATION_WEBHOOK_SECRET=whsec_... moderation webhooks run"],
+    "webhooks dead": ["moderation webhooks dead --count 20"],
+    "webhooks replay": ["moderation webhooks replay 1733050000000-0"],
+    "webhooks secret": ["moderation webhooks secret"],
     "retrain": ["moderation retrain status"],
     "retrain status": ["moderation retrain status --json"],
 }
@@ -122,6 +136,7 @@ def build_app() -> typer.Typer:
     review.register(app, labels_app)
     dlq.register(app)
     archive.register(app)
+    api.register(app)
     for plugin in entry_points(group="moderation.cli"):
         plugin.load()(app, labels_app)
     return app

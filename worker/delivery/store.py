@@ -24,6 +24,7 @@ NX check, so a crash between them cannot leave a decision without its stream ent
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -162,8 +163,11 @@ if h and h ~= who then return {'claimed', h, expiry} end
 local first = redis.call('HGET', KEYS[7], eid)
 if first == who then return {'second', first} end
 redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[8] ~= '' and redis.call('HSETNX', KEYS[9], ARGV[8], ARGV[9]) == 1 then
+  redis.call('ZADD', KEYS[8], ARGV[10], ARGV[8])
+end
 local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('RPUSH', KEYS[3], ARGV[7])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event_id', eid, 'decision', ARGV[1])
@@ -351,6 +355,10 @@ class DecisionStore:
         (:class:`ClaimedByOther`). With ``second_review``, a first moderator's ``block`` of a queued item
         keeps it queued for a different moderator (:class:`SecondReviewPending` for the same one).
         """
+        from worker.delivery.webhook import WebhookQueue
+
+        hooks = WebhookQueue(self.r, self.keys.ns)
+        callback = hooks.callback_of(event_id)
         current: Decision | None = None
         expected = 0
         for _ in range(3 if expected_version is None else 1):
@@ -386,7 +394,12 @@ class DecisionStore:
                 self.keys.review,
                 self.keys.claims,
                 self.keys.second,
+                hooks.keys.due,
+                hooks.keys.jobs,
             ]
+            # The final verdict reaches the event's callback too, scheduled by the same script: an override
+            # never misses its callback.
+            job = ("", "", 0.0) if callback is None else (*hooks.job(callback, updated), time.time())
             wait = "1" if second_review and verdict == Verdict.BLOCK else "0"
             flat = [x for kv in audit.items() for x in kv]
             args: list[str | int] = [
@@ -397,6 +410,7 @@ class DecisionStore:
                 STREAM_MAXLEN,
                 wait,
                 json.dumps(audit),
+                *job,
             ]
             status, *rest = self._override(keys=keys, args=[*args, *flat])
             if status == "ok":

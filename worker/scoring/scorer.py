@@ -182,6 +182,8 @@ class Scorer:
             thresholds=thresholds,
             image_size=prepared.size,
             timings_ms=dict(prepared.timings_ms),
+            priority=event.priority,
+            metadata=event.metadata,
         )
 
     def materialize(
@@ -259,6 +261,8 @@ def error_decision(event: Event, exc: ModerationError, model_version: str | None
         reason=exc.reason,
         detail=exc.detail[:1000],
         model_version=model_version,
+        priority=event.priority,
+        metadata=event.metadata,
     )
 
 
