@@ -402,7 +402,7 @@ class DecisionStore:
             job = ("", "", 0.0) if callback is None else (*hooks.job(callback, updated), time.time())
             wait = "1" if second_review and verdict == Verdict.BLOCK else "0"
             flat = [x for kv in audit.items() for x in kv]
-            args: list[str | int] = [
+            args: list[str | int | float] = [
                 updated.to_json(),
                 event_id,
                 expected,
