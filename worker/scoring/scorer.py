@@ -393,7 +393,12 @@ def _sigmoid(x: float) -> float:
 
 
 def score_events(
-    events: Sequence[Event], scorer: Scorer, fetcher: Fetcher, *, threads: int | None = None
+    events: Sequence[Event],
+    scorer: Scorer,
+    fetcher: Fetcher,
+    *,
+    threads: int | None = None,
+    duplicates: DuplicateIndex | None = None,
 ) -> list[Decision]:
     """The batch scoring function: many references in, one decision each out, never raising for an image."""
     n = threads or scorer.settings.decode_threads
@@ -402,4 +407,4 @@ def score_events(
         prepared = list(
             pool.map(lambda e: prepare_or_error(e.image_uri, fetcher, scorer.spec, defer_jpeg=defer), events)
         )
-    return scorer.score_prepared(list(zip(events, prepared, strict=True)))
+    return scorer.score_prepared(list(zip(events, prepared, strict=True)), duplicates)
