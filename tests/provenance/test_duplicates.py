@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client import CollectorRegistry
 
 from worker.delivery.store import DecisionStore
 from worker.media.fetch import Fetcher
+from worker.media.provenance import EvidenceMetrics
 from worker.records import Decision, Event, Provenance, Thresholds, Verdict
 from worker.samples import sample_paths
 from worker.scoring.checkpoint import init_checkpoint
@@ -109,6 +111,9 @@ def test_copy_of_an_overridden_image_inherits_the_override(
     assert "model" not in copy.timings_ms  # decided without the model
     assert other.source == "model" and other.matched_event is None
     assert no_network == []
+    registry = CollectorRegistry()
+    EvidenceMetrics(registry).observe([copy, other])
+    assert registry.get_sample_value("moderation_duplicate_reuses_total", {"matched": "moderator"}) == 1
 
     # Another worker process (its own mirror of the index) matches the same copy.
     fresh = DuplicateIndex.from_url(redis_url, settings)

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from tests.provenance import credentials as cr
 from worker.media.fetch import Fetcher
+from worker.media.provenance import EvidenceMetrics
 from worker.records import CredentialState, Decision, Event, Verdict
 from worker.scoring.scorer import Scorer, score_events
 from worker.settings import Settings
@@ -75,6 +77,20 @@ def test_decisions_carry_provenance_and_the_declared_ai_rule(
 
     # The record survives the decision's JSON (what the store, the stream and the page read back).
     assert Decision.from_json(trusted.to_json()) == trusted
+
+    registry = CollectorRegistry()
+    EvidenceMetrics(registry).observe(by_item.values())
+
+    def found(what: str) -> float | None:
+        return registry.get_sample_value("moderation_provenance_found_total", {"what": what})
+
+    assert found("credential_trusted") == 1
+    assert found("credential_untrusted") == 1
+    assert found("credential_invalid") == 1
+    assert found("xmp_source_type") == 1
+    assert found("exif_camera") == 1
+    assert found("declared_ai") == 4 and found("proven_ai") == 1
+    assert registry.get_sample_value("moderation_provenance_rules_total", {"rule": "declared_ai"}) == 1
 
 
 def test_review_setting_and_switches(

@@ -27,8 +27,9 @@ from typing import Any
 
 import c2pa
 from PIL import Image
+from prometheus_client import CollectorRegistry, Counter
 
-from worker.records import CredentialState, Provenance
+from worker.records import CredentialState, Decision, Provenance
 from worker.settings import Settings
 
 IPTC_SOURCE_TYPE_PREFIX = "http://cv.iptc.org/newscodes/digitalsourcetype/"
@@ -254,3 +255,57 @@ def exif_fields(data: bytes) -> dict[str, str | None]:
         if isinstance(value, str) and value.strip("\x00 "):
             out[key] = value.strip("\x00 ")[:_FIELD_MAX]
     return out
+
+
+class EvidenceMetrics:
+    """Counters of what the decode stage found and what it decided, on the worker's registry.
+
+    Created next to :class:`worker.ops.metrics.Metrics` (same registry); :meth:`observe` takes the decisions
+    of a batch after they are written.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.found = Counter(
+            "moderation_provenance_found",
+            "Images by what their bytes declare: credential state, XMP source type, EXIF camera, PDQ hash.",
+            ["what"],
+            registry=registry,
+        )
+        self.rules = Counter(
+            "moderation_provenance_rules", "Verdicts set by a provenance rule.", ["rule"], registry=registry
+        )
+        self.reused = Counter(
+            "moderation_duplicate_reuses",
+            "Near-duplicates decided from an earlier decision, by whose: moderator or model.",
+            ["matched"],
+            registry=registry,
+        )
+
+    def observe(self, decisions: Iterable[Decision]) -> None:
+        for d in decisions:
+            p = d.provenance
+            if p is not None:
+                for what in found_kinds(p):
+                    self.found.labels(what).inc()
+            if d.source == "provenance" and d.detail:
+                self.rules.labels(d.detail).inc()
+            if d.matched_event is not None:
+                self.reused.labels(
+                    "moderator" if d.matched_event.source.startswith("moderator") else "model"
+                ).inc()
+
+
+def found_kinds(p: Provenance) -> list[str]:
+    """The label values one record counts under."""
+    kinds = [] if p.credential == CredentialState.ABSENT else [f"credential_{p.credential.value}"]
+    if p.xmp_source_type:
+        kinds.append("xmp_source_type")
+    if p.camera_make or p.camera_model:
+        kinds.append("exif_camera")
+    if p.declared_ai:
+        kinds.append("declared_ai")
+    if p.proven_ai:
+        kinds.append("proven_ai")
+    if p.pdq:
+        kinds.append("pdq_hash")
+    return kinds
