@@ -219,6 +219,28 @@ def test_index_is_bounded_and_expires(tmp_path: Path, redis_url: str) -> None:
     error = _decision(8, hashes[0]).model_copy(update={"verdict": Verdict.ERROR})
     assert writer.remember_decisions([copy, error]) == 0
 
+    # Past the first arrays' capacity: the mirror compacts and grows, and still holds only the newest.
+    many = [_random_hash(rng) for _ in range(3000)]
+    big = _settings(tmp_path, redis_url, duplicate_max_entries=2000, namespace="big")
+    big_writer = DuplicateIndex.from_url(redis_url, big)
+    big_writer.remember_decisions(_decision(i, h) for i, h in enumerate(many))
+    mirror = DuplicateIndex.from_url(redis_url, big)
+    mirror.sync()
+    assert len(mirror) == 2000
+    assert mirror.lookup(many[999]) is None
+    assert [mirror.lookup(many[i]).event_id for i in (1000, 2500, 2999)] == [  # type: ignore[union-attr]
+        "event-1000",
+        "event-2500",
+        "event-2999",
+    ]
+    # An override of one event replaces its entry instead of adding one.
+    overridden = _decision(2999, many[2999]).model_copy(
+        update={"source": "moderator:eve", "verdict": Verdict.BLOCK}
+    )
+    big_writer.remember(many[2999], overridden)
+    match = mirror.lookup(many[2999])
+    assert match is not None and match.by_moderator and match.verdict == Verdict.BLOCK and len(mirror) == 2000
+
     short = _settings(tmp_path, redis_url, duplicate_ttl_s=1, namespace="short")
     expiring = DuplicateIndex.from_url(redis_url, short)
     expiring.remember(hashes[1], _decision(1, hashes[1]))
