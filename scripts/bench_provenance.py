@@ -22,13 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pdqhash
 from PIL import Image
 
 from tests.provenance.credentials import make_chain, sign, with_xmp, xmp_packet
 from worker.media.decode import decode_image
 from worker.media.provenance import ProvenanceReader
 from worker.samples import sample_paths
-from worker.scoring.duplicates import DuplicateIndex, pdq_hash
+from worker.scoring.duplicates import DuplicateIndex, pdq_hash, pdq_hash_image
 from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +44,18 @@ def median_ms(fn: Callable[[], object], repeat: int) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def draft_decode(data: bytes, factor: int) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (img.size[0] // factor, img.size[1] // factor))
+    img.load()
+    return img
+
+
+def small_of(img: Image.Image) -> Image.Image:
+    w, h = img.size
+    return img.resize((256, round(h * 256 / w)), Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
 def one_megapixel() -> bytes:
@@ -63,6 +76,8 @@ def costs(repeat: int, index_sizes: list[int]) -> None:
     buf = io.BytesIO()
     Image.open(io.BytesIO(plain)).save(buf, "PNG")
     png = buf.getvalue()
+    decoded = decode_image(plain, max_pixels=10**8, allowed_formats=settings.allowed_formats)
+    small = small_of(decoded)
     allowed = settings.allowed_formats
     rows = [
         (
@@ -73,6 +88,12 @@ def costs(repeat: int, index_sizes: list[int]) -> None:
         ("provenance read, XMP source type", lambda: reader.read(xmp)),
         ("provenance read, signed C2PA credential", lambda: reader.read(signed)),
         ("PDQ hash from bytes, JPEG (DCT-scaled decode + hash)", lambda: pdq_hash(plain)),
+        ("PDQ hash from the decoded image (the Pillow path's)", lambda: pdq_hash_image(decoded)),
+        ("  of which: resize the decoded image to 256 px", lambda: small_of(decoded)),
+        ("  of which: pdqhash.compute on 256 px", lambda: pdqhash.compute(np.asarray(small))),
+        ("JPEG decode at DCT scale 1/2 (Pillow draft)", lambda: draft_decode(plain, 2)),
+        ("JPEG decode at DCT scale 1/4 (Pillow draft)", lambda: draft_decode(plain, 4)),
+        ("JPEG decode at DCT scale 1/8 (Pillow draft)", lambda: draft_decode(plain, 8)),
         (
             "decode, Pillow, full (same image as PNG)",
             lambda: decode_image(png, max_pixels=10**8, allowed_formats=allowed),

@@ -14,12 +14,13 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from worker.delivery.store import DecisionStore
+from worker.media.decode import decode_image
 from worker.media.fetch import Fetcher
 from worker.media.provenance import EvidenceMetrics
 from worker.records import Decision, Event, Provenance, Thresholds, Verdict
 from worker.samples import sample_paths
 from worker.scoring.checkpoint import init_checkpoint
-from worker.scoring.duplicates import DuplicateIndex, distance, pdq_hash, propagate_override
+from worker.scoring.duplicates import DuplicateIndex, distance, pdq_hash, pdq_hash_image, propagate_override
 from worker.scoring.scorer import Scorer, score_events
 from worker.settings import Settings
 
@@ -57,6 +58,11 @@ def test_copies_are_near_and_unrelated_images_far() -> None:
         data = path.read_bytes()
         assert distance(hash_of(data), hash_of(copy_of(data))) <= threshold, path.name
     assert distance(hash_of(sample(ORIGINAL)), hash_of(sample(UNRELATED))) > threshold
+    # The CPU path hashes the pixels it decoded, the device path the bytes: one file, (nearly) one hash.
+    for path in sample_paths():
+        data = path.read_bytes()
+        decoded = pdq_hash_image(decode_image(data, max_pixels=10**8, allowed_formats=["JPEG"]))
+        assert decoded is not None and distance(hash_of(data), decoded[0]) <= 8, path.name
     # Two halves of one photograph: the same scene, lighting and camera, still different images.
     img = Image.open(io.BytesIO(sample("skimage__rocket"))).convert("RGB")
     w, h = img.size

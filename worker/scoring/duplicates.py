@@ -13,7 +13,8 @@ the mirror (exact, about a millisecond per 100,000 entries). docs/provenance.md 
 
 The interface the pipeline calls:
 
-* :func:`pdq_hash` in the decode stage (bytes already fetched);
+* :func:`pdq_hash` (bytes already fetched) or :func:`pdq_hash_image` (pixels already decoded) in the decode
+  stage;
 * :meth:`DuplicateIndex.lookup` before the model, :meth:`DuplicateIndex.remember` after the decision write;
 * :func:`propagate_override` from the override path: the overridden hash is remembered with the moderator's
   verdict and copies already waiting in the review queue get it too.
@@ -59,8 +60,17 @@ def pdq_hash(data: bytes, min_quality: int = 50) -> tuple[str, int] | None:
             img.seek(0)
             img.load()
             rgb = (ImageOps.exif_transpose(img) or img).convert("RGB")
-    rgb.thumbnail((_HASH_SIDE, _HASH_SIDE), Image.Resampling.BILINEAR)
-    bits, quality = pdqhash.compute(np.asarray(rgb))
+    return pdq_hash_image(rgb, min_quality)
+
+
+def pdq_hash_image(img: Image.Image, min_quality: int = 50) -> tuple[str, int] | None:
+    """:func:`pdq_hash` of an RGB image already decoded in display orientation (the Pillow path's)."""
+    w, h = img.size
+    scale = _HASH_SIDE / max(w, h)
+    if scale < 1:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    bits, quality = pdqhash.compute(np.asarray(img))
     if int(quality) < min_quality:
         return None
     return np.packbits(bits.astype(np.uint8)).tobytes().hex(), int(quality)

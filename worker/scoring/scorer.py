@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 import torch
+from PIL import Image
 
 from worker.errors import ErrorReason, ModerationError
 from worker.media import jpeg
@@ -29,7 +30,7 @@ from worker.media.jpeg import JpegDecoder, Pending
 from worker.media.provenance import ProvenanceReader
 from worker.records import Box, CropScore, Decision, Event, Provenance, Verdict
 from worker.scoring.checkpoint import Checkpoint, check_golden, load_checkpoint
-from worker.scoring.duplicates import DuplicateIndex, Match, pdq_hash
+from worker.scoring.duplicates import DuplicateIndex, Match, pdq_hash, pdq_hash_image
 from worker.scoring.model import to_input
 from worker.scoring.policy import provenance_verdict, verdict_for
 from worker.settings import Settings
@@ -72,8 +73,11 @@ def _reader(settings: Settings) -> ProvenanceReader:
         return _readers[key]
 
 
-def read_evidence(data: bytes, settings: Settings, timings_ms: dict[str, float]) -> Provenance | None:
-    """Provenance and the PDQ hash from bytes already fetched and found decodable; never raises."""
+def read_evidence(
+    data: bytes, settings: Settings, timings_ms: dict[str, float], image: Image.Image | None = None
+) -> Provenance | None:
+    """Provenance and the PDQ hash from bytes already fetched and found decodable (the hash from ``image``
+    when the pixels are already decoded); never raises."""
     if not (settings.provenance or settings.duplicates):
         return None
     t0 = time.perf_counter()
@@ -82,7 +86,8 @@ def read_evidence(data: bytes, settings: Settings, timings_ms: dict[str, float])
     timings_ms["provenance"] = (t1 - t0) * 1e3
     if settings.duplicates:
         try:
-            found = pdq_hash(data, settings.duplicate_min_quality)
+            q = settings.duplicate_min_quality
+            found = pdq_hash(data, q) if image is None else pdq_hash_image(image, q)
         except Exception as exc:  # the image decoded a moment ago; a failure here only costs the hash
             log.warning("pdq_hash_failed", error=f"{type(exc).__name__}: {exc}")
             found = None
@@ -108,19 +113,23 @@ def prepare(uri: str, fetcher: Fetcher, spec: CropSpec, *, defer_jpeg: bool = Fa
             pending.timings_ms.update(fetch=(t1 - t0) * 1e3, plan=(time.perf_counter() - t1) * 1e3)
             evidence = read_evidence(data, s, pending.timings_ms)
             return PendingWithProvenance(**vars(pending), provenance=evidence)
-    prepared = prepare_bytes(data, spec, s)
+    prepared, img = _decode_crop(data, spec, s)
     prepared.timings_ms["fetch"] = (t1 - t0) * 1e3
-    prepared.provenance = read_evidence(data, s, prepared.timings_ms)
+    prepared.provenance = read_evidence(data, s, prepared.timings_ms, img)
     return prepared
 
 
 def prepare_bytes(data: bytes, spec: CropSpec, settings: Settings) -> Prepared:
     """Decode (Pillow) and crop bytes already fetched; raises :class:`DecodeError` with a reason."""
+    return _decode_crop(data, spec, settings)[0]
+
+
+def _decode_crop(data: bytes, spec: CropSpec, settings: Settings) -> tuple[Prepared, Image.Image]:
     t0 = time.perf_counter()
     img = decode_image(data, max_pixels=settings.max_pixels, allowed_formats=settings.allowed_formats)
     size = img.size
     crops, boxes = inference_crops(img, spec)
-    return Prepared(crops, boxes, size, {"decode_crop": (time.perf_counter() - t0) * 1e3})
+    return Prepared(crops, boxes, size, {"decode_crop": (time.perf_counter() - t0) * 1e3}), img
 
 
 def prepare_or_error(
