@@ -268,6 +268,42 @@ class Settings(BaseSettings):
         True, description="Each worker process also runs a webhook dispatcher thread."
     )
 
+    # --- provenance and near-duplicates (worker/media/provenance.py, worker/scoring/duplicates.py) -----
+    provenance: bool = Field(True, description="Read C2PA credentials, XMP and EXIF from the fetched bytes.")
+    provenance_trust_anchors: Path | None = Field(
+        None,
+        description="PEM file of root certificates whose C2PA signers count as proof. Unset: no credential "
+        "is trusted, so none changes a verdict (they are still read and recorded).",
+    )
+    provenance_trust_config: str | None = Field(
+        None, description="Allowed extended key usage OIDs of signing certificates, one per line (C2PA SDK)."
+    )
+    provenance_ai_source_types: list[str] = Field(
+        default_factory=lambda: ["trainedAlgorithmicMedia", "compositeWithTrainedAlgorithmicMedia"],
+        description="IPTC digital source types that declare an image made by (or with) generative AI.",
+    )
+    provenance_declared_ai_verdict: Literal["block", "review", "off"] = Field(
+        "block",
+        description="Verdict (at least) for a trusted credential that declares AI; off: it only annotates. "
+        "Unsigned or untrusted metadata always only annotates.",
+    )
+    duplicates: bool = Field(True, description="PDQ-hash images and reuse decisions of near-duplicates.")
+    duplicate_threshold: int = Field(
+        31, ge=0, le=128, description="Largest PDQ Hamming distance (of 256 bits) that counts as a copy."
+    )
+    duplicate_min_quality: int = Field(
+        50, ge=0, le=100, description="PDQ quality below which an image is too flat to hash reliably."
+    )
+    duplicate_reuse_model: bool = Field(
+        True,
+        description="A copy of a model decision by the same model version reuses its score instead of "
+        "running the model again (a moderator's verdict is always inherited).",
+    )
+    duplicate_max_entries: int = Field(200_000, ge=1, description="Hashes kept in the duplicate index.")
+    duplicate_ttl_s: int = Field(
+        7 * 86400, ge=1, description="How long a decided hash stays matchable (the decisions' retention)."
+    )
+
     def resolved_device(self) -> str:
         """The torch device to use; a CUDA device this host does not have is a :class:`DeviceUnavailable`."""
         import torch

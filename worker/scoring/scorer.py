@@ -9,6 +9,7 @@ decoded with their batch on the GPU (:mod:`worker.media.jpeg`, :meth:`Scorer.mat
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 import torch
+from PIL import Image
 
 from worker.errors import ErrorReason, ModerationError
 from worker.media import jpeg
@@ -25,10 +27,12 @@ from worker.media.crops import CropSpec, aggregate, inference_crops
 from worker.media.decode import decoded
 from worker.media.fetch import Fetcher
 from worker.media.jpeg import JpegDecoder, Pending
-from worker.records import Box, CropScore, Decision, Event, Verdict
+from worker.media.provenance import ProvenanceReader
+from worker.records import Box, CropScore, Decision, Event, Provenance, Verdict
 from worker.scoring.checkpoint import Checkpoint, check_golden, load_checkpoint
+from worker.scoring.duplicates import DuplicateIndex, Match, pdq_hash, pdq_hash_image
 from worker.scoring.model import to_input
-from worker.scoring.policy import verdict_for
+from worker.scoring.policy import provenance_verdict, verdict_for
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -42,6 +46,55 @@ class Prepared:
     boxes: list[Box]
     size: tuple[int, int]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    provenance: Provenance | None = None
+
+
+@dataclass
+class PendingWithProvenance(Pending):
+    """A :class:`Pending` JPEG with the provenance read from its bytes in the decode stage."""
+
+    provenance: Provenance | None = None
+
+
+_readers: dict[tuple[object, ...], ProvenanceReader] = {}
+_readers_lock = threading.Lock()
+
+
+def _reader(settings: Settings) -> ProvenanceReader:
+    """One reader per trust configuration (it holds the C2PA SDK contexts)."""
+    key = (
+        settings.provenance_trust_anchors,
+        settings.provenance_trust_config,
+        tuple(settings.provenance_ai_source_types),
+    )
+    with _readers_lock:
+        if key not in _readers:
+            _readers[key] = ProvenanceReader(settings)
+        return _readers[key]
+
+
+def read_evidence(
+    data: bytes, settings: Settings, timings_ms: dict[str, float], image: Image.Image | None = None
+) -> Provenance | None:
+    """Provenance and the PDQ hash from bytes already fetched and found decodable (the hash from ``image``
+    when the pixels are already decoded); never raises."""
+    if not (settings.provenance or settings.duplicates):
+        return None
+    t0 = time.perf_counter()
+    prov = _reader(settings).read(data) if settings.provenance else Provenance()
+    t1 = time.perf_counter()
+    timings_ms["provenance"] = (t1 - t0) * 1e3
+    if settings.duplicates:
+        try:
+            q = settings.duplicate_min_quality
+            found = pdq_hash(data, q) if image is None else pdq_hash_image(image, q)
+        except Exception as exc:  # the image decoded a moment ago; a failure here only costs the hash
+            log.warning("pdq_hash_failed", error=f"{type(exc).__name__}: {exc}")
+            found = None
+        if found is not None:
+            prov = prov.model_copy(update={"pdq": found[0], "pdq_quality": found[1]})
+        timings_ms["pdq"] = (time.perf_counter() - t1) * 1e3
+    return prov
 
 
 def prepare(uri: str, fetcher: Fetcher, spec: CropSpec, *, defer_jpeg: bool = False) -> Prepared | Pending:
@@ -58,25 +111,33 @@ def prepare(uri: str, fetcher: Fetcher, spec: CropSpec, *, defer_jpeg: bool = Fa
         pending = jpeg.plan(data, spec, max_pixels=s.max_pixels, allowed_formats=s.allowed_formats)
         if pending is not None:
             pending.timings_ms.update(fetch=(t1 - t0) * 1e3, plan=(time.perf_counter() - t1) * 1e3)
-            return pending
-    prepared = prepare_bytes(data, spec, s)
+            evidence = read_evidence(data, s, pending.timings_ms)
+            return PendingWithProvenance(**vars(pending), provenance=evidence)
+    prepared = _decode_crop(data, spec, s, evidence=True)
     prepared.timings_ms["fetch"] = (t1 - t0) * 1e3
     return prepared
 
 
 def prepare_bytes(data: bytes, spec: CropSpec, settings: Settings) -> Prepared:
     """Decode (Pillow) and crop bytes already fetched; raises :class:`DecodeError` with a reason."""
+    return _decode_crop(data, spec, settings)
+
+
+def _decode_crop(data: bytes, spec: CropSpec, settings: Settings, *, evidence: bool = False) -> Prepared:
     t0 = time.perf_counter()
-    # The decoded image counts against the decode budget until its crops are cut.
+    # The decoded image counts against the decode budget until its crops are cut (and, when asked, its
+    # evidence is read from the pixels already decoded).
     with decoded(
         data,
         max_pixels=settings.max_pixels,
         allowed_formats=settings.allowed_formats,
         max_bytes=settings.max_decode_bytes,
     ) as img:
-        size = img.size
         crops, boxes = inference_crops(img, spec)
-    return Prepared(crops, boxes, size, {"decode_crop": (time.perf_counter() - t0) * 1e3})
+        prepared = Prepared(crops, boxes, img.size, {"decode_crop": (time.perf_counter() - t0) * 1e3})
+        if evidence:
+            prepared.provenance = read_evidence(data, settings, prepared.timings_ms, img)
+    return prepared
 
 
 def prepare_or_error(
@@ -167,11 +228,17 @@ class Scorer:
         logit, deciding = aggregate(crop_logits, self.aggregation)
         score = _sigmoid(logit)
         thresholds = self.manifest.thresholds
+        verdict, rule = provenance_verdict(
+            verdict_for(score, thresholds), prepared.provenance, self.settings.provenance_declared_ai_verdict
+        )
         return Decision(
             item_id=event.item_id,
             event_id=event.event_id,
             image_uri=event.image_uri,
-            verdict=verdict_for(score, thresholds),
+            verdict=verdict,
+            source="provenance" if rule else "model",
+            detail=rule,
+            provenance=prepared.provenance,
             ai_score=score,
             crops=[
                 CropScore(box=b, ai_score=_sigmoid(float(v)))
@@ -212,19 +279,33 @@ class Scorer:
                 out.append((event, p))
                 continue
             r = decoded.get(i)
+            prov = p.provenance if isinstance(p, PendingWithProvenance) else None
             if isinstance(r, torch.Tensor):
-                out.append((event, Prepared(r, p.boxes, p.size, {**p.timings_ms, "decode_crop": decode_ms})))
+                timings = {**p.timings_ms, "decode_crop": decode_ms}
+                out.append((event, Prepared(r, p.boxes, p.size, timings, prov)))
                 continue
             fallback = _bytes_or_error(p.data, self.spec, self.settings)
             if isinstance(fallback, Prepared):
                 fallback.timings_ms.update(p.timings_ms)
+                fallback.provenance = prov
             out.append((event, fallback))
         return out
 
     def score_prepared(
-        self, items: Sequence[tuple[Event, Prepared | Pending | ModerationError]]
+        self,
+        items: Sequence[tuple[Event, Prepared | Pending | ModerationError]],
+        duplicates: DuplicateIndex | None = None,
     ) -> list[Decision]:
-        """One model call over every good item's crops; errors pass through as ``error`` decisions."""
+        """One model call over every good item's crops; errors pass through as ``error`` decisions.
+
+        With a duplicate index, near-duplicates of decided items are looked up first and decided without
+        the model (:meth:`from_duplicate`); the rest go to the model.
+        """
+        reused = self._reuse_duplicates(items, duplicates) if duplicates is not None else {}
+        if reused:
+            rest = [(e, p) for e, p in items if id(e) not in reused]
+            scored = iter(self.score_prepared(rest) if rest else [])
+            return [reused[id(e)] if id(e) in reused else next(scored) for e, _ in items]
         ready = self.materialize(items)
         good = [(e, p) for e, p in ready if isinstance(p, Prepared)]
         t0 = time.perf_counter()
@@ -243,6 +324,65 @@ class Scorer:
             for e, p in ready
         ]
 
+    def _reuse_duplicates(
+        self, items: Sequence[tuple[Event, Prepared | Pending | ModerationError]], index: DuplicateIndex
+    ) -> dict[int, Decision]:
+        evidence = [None if isinstance(p, ModerationError) else _provenance_of(p) for _, p in items]
+        hashes = [None if prov is None else prov.pdq for prov in evidence]
+        t0 = time.perf_counter()
+        try:
+            matches = index.lookup_many(hashes)
+        except Exception as exc:  # the index is an optimisation: without it, the model decides
+            log.warning("duplicate_lookup_failed", error=f"{type(exc).__name__}: {exc}")
+            return {}
+        lookup_ms = (time.perf_counter() - t0) * 1e3
+        out = {}
+        for (event, p), prov, match in zip(items, evidence, matches, strict=True):
+            if match is None or isinstance(p, ModerationError):
+                continue
+            decision = self.from_duplicate(event, p, prov, match)
+            if decision is not None:
+                decision.timings_ms["duplicate_lookup"] = lookup_ms
+                out[id(event)] = decision
+        return out
+
+    def from_duplicate(
+        self, event: Event, p: Prepared | Pending, prov: Provenance | None, match: Match
+    ) -> Decision | None:
+        """A copy of a decided image: a moderator's verdict is inherited; a model decision by this model
+        version lends its score (``duplicate_reuse_model``), the copy's own credential rule still applying.
+        None: the model decides."""
+        if match.by_moderator:
+            verdict, score = match.verdict, match.ai_score
+        elif (
+            self.settings.duplicate_reuse_model
+            and match.model_version == self.version
+            and match.ai_score is not None
+            and match.source in ("model", "provenance")
+        ):
+            score = match.ai_score
+            verdict, _ = provenance_verdict(
+                verdict_for(score, self.manifest.thresholds),
+                prov,
+                self.settings.provenance_declared_ai_verdict,
+            )
+        else:
+            return None
+        return Decision(
+            item_id=event.item_id,
+            event_id=event.event_id,
+            image_uri=event.image_uri,
+            verdict=verdict,
+            ai_score=score,
+            model_version=match.model_version if match.by_moderator else self.version,
+            thresholds=self.manifest.thresholds,
+            image_size=p.size,
+            timings_ms=dict(p.timings_ms),
+            source="duplicate",
+            provenance=prov,
+            matched_event=match.matched_event(),
+        )
+
     def _concat(self, crops: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray | torch.Tensor:
         if all(isinstance(c, np.ndarray) for c in crops):
             return np.concatenate(crops)
@@ -250,6 +390,12 @@ class Scorer:
         return torch.cat(
             [c if isinstance(c, torch.Tensor) else torch.from_numpy(c).to(self.device) for c in crops]
         )
+
+
+def _provenance_of(p: Prepared | Pending) -> Provenance | None:
+    if isinstance(p, Prepared | PendingWithProvenance):
+        return p.provenance
+    return None
 
 
 def error_decision(event: Event, exc: ModerationError, model_version: str | None = None) -> Decision:
@@ -274,7 +420,12 @@ def _sigmoid(x: float) -> float:
 
 
 def score_events(
-    events: Sequence[Event], scorer: Scorer, fetcher: Fetcher, *, threads: int | None = None
+    events: Sequence[Event],
+    scorer: Scorer,
+    fetcher: Fetcher,
+    *,
+    threads: int | None = None,
+    duplicates: DuplicateIndex | None = None,
 ) -> list[Decision]:
     """The batch scoring function: many references in, one decision each out, never raising for an image."""
     n = threads or scorer.settings.decode_threads
@@ -283,4 +434,4 @@ def score_events(
         prepared = list(
             pool.map(lambda e: prepare_or_error(e.image_uri, fetcher, scorer.spec, defer_jpeg=defer), events)
         )
-    return scorer.score_prepared(list(zip(events, prepared, strict=True)))
+    return scorer.score_prepared(list(zip(events, prepared, strict=True)), duplicates)
