@@ -37,6 +37,7 @@ def config(labels: Path, out: Path, **kw: object) -> TrainConfig:
         clip_grad=1.0,
         jpeg_prob=0.5,
         label_smoothing=0.05,
+        min_heldout_per_class=2,
     )
     base.update(kw)
     return TrainConfig.model_validate(base)
@@ -77,16 +78,16 @@ def test_resume_replays_exactly_and_the_checkpoint_serves(image_set: Path, tmp_p
 
 def test_group_splits_and_conflicts(image_set: Path) -> None:
     df, _ = load_labels(image_set)
-    out = assign_splits(df, val_frac=0.2, test_frac=0.25, seed=3)
+    out = assign_splits(df, val_frac=0.2, test_frac=0.25, seed=3, min_per_class=2)
     assert set(out["split"]) == {"train", "val", "test"}
     assert out.groupby("group")["split"].nunique().max() == 1
     pinned = df.copy()
     pinned.loc[0, "split"] = "test"  # its group partner has no split: it must follow into test
-    out2 = assign_splits(pinned, val_frac=0.2, test_frac=0.25, seed=3)
+    out2 = assign_splits(pinned, val_frac=0.2, test_frac=0.25, seed=3, min_per_class=2)
     assert set(out2.loc[out2["group"] == pinned.loc[0, "group"], "split"]) == {"test"}
     pinned.loc[1, "split"] = "train"
     with pytest.raises(LabelsError, match="span several explicit splits"):
-        assign_splits(pinned, val_frac=0.2, test_frac=0.25, seed=3)
+        assign_splits(pinned, val_frac=0.2, test_frac=0.25, seed=3, min_per_class=2)
 
 
 def test_rehearsal_buffer_keeps_each_stratum(image_set: Path) -> None:
@@ -111,7 +112,7 @@ def test_cli_train_continual_from_a_checkpoint_with_rehearsal(
     df, _ = load_labels(image_set)
     df.iloc[:8].to_csv(tmp_path / "new.csv", index=False)
     out = run_cli(
-        *("train", "-l", "new.csv", "-o", "run", "--quiet", "--arch", "test_convnext", "--crop-size", "64"),
+        *("train", "-l", "new.csv", "-o", "run", "--quiet", "--crop-size", "64"),
         *("--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"),
         *("--init-from", str(tiny_checkpoint), "--layer-decay", "0.7"),
         *("--rehearsal-labels", str(image_set), "--rehearsal-size", "6", "--publish"),

@@ -44,6 +44,22 @@ class GoldenScore(BaseModel):
     logit: float
 
 
+class Calibration(BaseModel):
+    """A monotone map of the model's logit, fitted on moderator labels: ``logit / temperature + offset``.
+
+    It changes scores and so verdicts, never the ranking; a recalibrated version ships the same weights.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    temperature: float = Field(1.0, gt=0.0)
+    offset: float = 0.0
+    fitted_on: int = Field(0, ge=0, description="labelled items the fit used")
+
+    def apply(self, logits: Any) -> Any:
+        return logits / self.temperature + self.offset
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True, protected_namespaces=())
 
@@ -64,6 +80,7 @@ class Manifest(BaseModel):
     weights_sha256: str
     golden: list[GoldenScore] = Field(default_factory=list)
     notes: str = ""
+    calibration: Calibration | None = Field(None, description="Applied to the aggregated logit when set.")
 
 
 @dataclass
@@ -205,7 +222,7 @@ def check_golden(ckpt: Checkpoint, device: str = "cpu", tolerance: float = 0.05)
     if len(got) != len(m.golden):
         raise CheckpointError(f"{m.version}: model gave {len(got)} golden outputs, expected {len(m.golden)}")
     want = np.array([g.logit for g in m.golden])
-    drift = np.abs(_sigmoid(np.array(got)) - _sigmoid(want))
+    drift = np.abs(sigmoid(np.array(got)) - sigmoid(want))
     if float(drift.max()) > tolerance:
         worst = m.golden[int(drift.argmax())].name
         raise CheckpointError(
@@ -213,8 +230,10 @@ def check_golden(ckpt: Checkpoint, device: str = "cpu", tolerance: float = 0.05)
         )
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+def sigmoid(x: Any) -> Any:
+    """The logistic function for scalars and arrays (the one the scoring path uses); never overflows."""
+    y = 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+    return float(y) if np.ndim(y) == 0 else y
 
 
 def upload_checkpoint(local: Path, uri: str, settings: Settings) -> None:
