@@ -536,6 +536,231 @@ def print_gate(result: Any) -> None:
         console.print(f"  {mark} {c.line()}", highlight=False)
 
 
+def labels_build(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Labels table to write: .parquet, .csv or .jsonl.")
+    ],
+    teacher: Annotated[
+        Path | None, typer.Option(help="Teacher scores: a labels table (image_uri, ai_score, ...).")
+    ] = None,
+    decisions: Annotated[
+        Path | None, typer.Option(help="Decision archive: a Parquet file or folder (model score, version).")
+    ] = None,
+    decisions_from_redis: Annotated[
+        bool,
+        typer.Option("--decisions-from-redis", help="Read model decisions from the {ns}:decisions stream."),
+    ] = False,
+    overrides_file: OverridesFileOpt = None,
+    overrides_from_redis: FromRedisOpt = False,
+    show_bad: Annotated[int, typer.Option(help="How many bad teacher rows to list.")] = 10,
+) -> None:
+    """Teacher scores + model decisions + moderator overrides -> one labels table with provenance columns."""
+    from training.build import build_labels, decisions_from_archive, decisions_from_store, write_table
+    from training.labels import LabelsError, load_labels, overrides_from_file
+
+    if decisions is not None and decisions_from_redis:
+        raise fail("give --decisions or --decisions-from-redis, not both")
+    try:
+        table, report = load_labels(teacher) if teacher else (None, None)
+        overrides = list(overrides_from_file(overrides_file)) if overrides_file else []
+        if overrides_from_redis:
+            overrides += redis_overrides()
+        dec = None
+        if decisions is not None:
+            dec = decisions_from_archive(decisions)
+        elif decisions_from_redis:
+            from worker.delivery.store import DecisionStore
+
+            settings = build_settings()
+            if not settings.redis_url:
+                raise fail("--decisions-from-redis needs MODERATION_REDIS_URL (or REDIS_URL)")
+            dec = decisions_from_store(DecisionStore.from_url(settings.redis_url, settings.namespace))
+        built = build_labels(table, dec, overrides)
+        write_table(built, out)
+    except LabelsError as exc:
+        raise fail(str(exc)) from exc
+    if report is not None and report.bad:
+        console.print(f"[yellow]{len(report.bad)} bad teacher rows dropped[/]: {report.by_reason}")
+        for b in report.bad[:show_bad]:
+            console.print(f"  {b.describe()}", highlight=False)
+    n_over = int((built["label_source"] == "override").sum())
+    with_model = int(built["model_version"].notna().sum())
+    console.print(
+        f"wrote [bold]{out}[/]: {len(built)} items, {n_over} labelled by moderators (they win), "
+        f"{with_model} with a model decision"
+    )
+
+
+def adapt_command(
+    overrides_file: OverridesFileOpt = None,
+    overrides_from_redis: FromRedisOpt = False,
+    publish: Annotated[
+        bool, typer.Option("--publish", help="Publish the better candidate that passes the gate.")
+    ] = False,
+    margin: Annotated[float, typer.Option(help="Gate: allowed held-out ROC-AUC drop.")] = 0.02,
+    min_heldout: Annotated[int, typer.Option(help="Gate: held-out items needed.")] = 40,
+    min_per_class_gate: Annotated[int, typer.Option(help="Gate: held-out items of each class needed.")] = 10,
+    min_overrides: Annotated[int, typer.Option(help="Gate: override items needed when any.")] = 10,
+    n_boot: Annotated[int, typer.Option(help="Gate: bootstrap resamples.")] = 2000,
+) -> None:
+    """Few-label adaptation: fine-tune + probe refit on 10-200 new items, both gated, the better published."""
+
+
+def _adapt(values: dict[str, Any], extras: dict[str, Any]) -> None:
+    from pydantic import ValidationError
+
+    from training.adapt import AdaptConfig, adapt
+    from training.gate import GatePolicy, gate, publish_if_passed
+    from training.labels import LabelsError, load_labels, overrides_from_file, regression_set
+    from training.pretrained import PretrainedError
+    from training.recipe import rehearsal_table
+    from worker.errors import CheckpointError
+    from worker.lifecycle.registry import open_registry
+
+    try:
+        cfg = AdaptConfig.model_validate(values)
+        policy = GatePolicy(
+            margin=extras["margin"],
+            min_heldout=extras["min_heldout"],
+            min_per_class=extras["min_per_class_gate"],
+            min_overrides=extras["min_overrides"],
+            n_boot=extras["n_boot"],
+            seed=cfg.seed,
+        )
+    except ValidationError as exc:
+        raise fail(f"invalid adapt option: {_first_error(exc)}") from exc
+    settings = build_settings()
+    with shown_warnings():
+        try:
+            overrides = (
+                list(overrides_from_file(extras["overrides_file"])) if extras["overrides_file"] else []
+            )
+            if extras["overrides_from_redis"]:
+                overrides += redis_overrides()
+            result = adapt(cfg, settings)
+            new, _ = load_labels(cfg.out / "new.csv")
+            parts = [new[new["split"] == "test"]]
+            if cfg.rehearsal_labels is not None:
+                old = rehearsal_table(cfg.rehearsal_labels)
+                parts.append(old[old["split"] == "test"])
+            heldout = pd_concat(parts)
+            trained = set(new.loc[new["split"] != "test", "image_uri"])
+            regression = regression_set(overrides, exclude=trained)
+            registry = open_registry(settings)
+            results = [
+                (c, gate(c.checkpoint, heldout, regression, registry, settings, policy))
+                for c in result.candidates
+            ]
+        except (LabelsError, PretrainedError, CheckpointError, FileExistsError, FileNotFoundError) as exc:
+            raise fail(str(exc)) from exc
+    console.print(
+        f"{result.new_items} new items ({result.heldout_items} held out), "
+        f"oversampled x{result.oversample:g}, "
+        f"{result.rehearsal_size} rehearsal items, {result.epochs} epochs; held-out set {len(heldout)} items"
+    )
+    for c, g in results:
+        console.print(f"[bold]{c.name}[/] {c.manifest.version} ({c.checkpoint}): passed={g.passed}")
+        print_gate(g)
+    passing = [(c, g) for c, g in results if g.passed]
+    if not passing:
+        raise fail("no candidate passed the gate; nothing published", code=3)
+
+    def auc_of(g: Any) -> float:
+        return max(
+            [ch.candidate for ch in g.checks if ch.name == "heldout_roc_auc" and ch.candidate] or [0.0]
+        )
+
+    best, best_gate = max(passing, key=lambda cg: auc_of(cg[1]))
+    if not extras["publish"]:
+        console.print(
+            f"best candidate: [bold]{best.name}[/] {best.checkpoint} (not published; add --publish)"
+        )
+        return
+    published = publish_if_passed(best_gate, best.checkpoint, registry, settings, by="adapt")
+    if not published.published:
+        raise fail(f"{best.manifest.version} not published: current changed during the gate", code=3)
+    console.print(f"published and promoted [bold]{best.manifest.version}[/] ({best.name}) in {registry.root}")
+
+
+def pd_concat(parts: list[Any]) -> Any:
+    import pandas as pd
+
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["image_uri", "ai_score"])
+
+
+def calibrate_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the recalibrated checkpoint.")],
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", "-c", help="Checkpoint dir/URI or 'current'.")
+    ] = "current",
+    labels: Annotated[
+        Path | None, typer.Option("--labels", "-l", help="Labelled items to fit on (default: the overrides).")
+    ] = None,
+    overrides_file: OverridesFileOpt = None,
+    overrides_from_redis: FromRedisOpt = False,
+    recent: Annotated[int | None, typer.Option(help="Use only the latest N overridden items.")] = None,
+    target_precision: Annotated[
+        float | None, typer.Option(help="Set the review threshold for this precision on the items.")
+    ] = None,
+    target_fpr: Annotated[
+        float | None, typer.Option(help="Set the block threshold for this false-positive rate on the items.")
+    ] = None,
+    min_items: Annotated[int, typer.Option(help="Labelled items needed (both classes).")] = 10,
+    publish: Annotated[
+        bool, typer.Option("--publish", help="Publish it as current (workers hot-reload).")
+    ] = False,
+    registry: Annotated[str | None, typer.Option(help="Registry root (default: settings).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+) -> None:
+    """Fit a logit temperature/offset (and thresholds) on moderator labels; same weights, new version."""
+    import pandas as pd
+
+    from training.calibrate import CalibrationError, calibrate_labels, write_calibrated
+    from training.gate import notify_workers
+    from training.labels import LabelsError, latest_per_uri, load_labels, overrides_from_file
+    from worker.cli.common import resolve_checkpoint
+    from worker.errors import CheckpointError
+    from worker.lifecycle.registry import open_registry
+
+    settings = build_settings(registry=registry, device=device)
+    try:
+        if labels is not None:
+            items, _ = load_labels(labels)
+        else:
+            overrides = list(overrides_from_file(overrides_file)) if overrides_file else []
+            if overrides_from_redis:
+                overrides += redis_overrides()
+            latest = list(latest_per_uri(overrides).values())
+            if recent:
+                latest = latest[-recent:]
+            items = pd.DataFrame(
+                {"image_uri": [o.image_uri for o in latest], "ai_score": [o.target for o in latest]}
+            )
+        uri = resolve_checkpoint(settings, checkpoint)
+        cal, thresholds = calibrate_labels(
+            uri,
+            items,
+            settings,
+            target_precision=target_precision,
+            target_fpr=target_fpr,
+            min_items=min_items,
+        )
+        manifest = write_calibrated(uri, out, cal, thresholds, settings)
+    except (LabelsError, CalibrationError, CheckpointError, FileExistsError) as exc:
+        raise fail(str(exc)) from exc
+    console.print(
+        f"wrote [bold]{out}[/] version [bold]{manifest.version}[/]: temperature {cal.temperature:.3f}, "
+        f"offset {cal.offset:+.3f} on {cal.fitted_on} items; thresholds review {thresholds.review:.3f}, "
+        f"block {thresholds.block:.3f}"
+    )
+    if publish:
+        reg = open_registry(settings)
+        reg.publish(out, promote=True, by="calibrate")
+        notify_workers(settings, manifest.version, "calibrate")
+        console.print(f"published and promoted [bold]{manifest.version}[/] in {reg.root}")
+
+
 retrain_app = typer.Typer(
     help="Enqueue a retrain on the training queue; 'retrain status [JOB]' shows it.",
     invoke_without_command=True,
@@ -684,6 +909,7 @@ def train_worker(
 def register(app: typer.Typer, labels_app: typer.Typer) -> None:
     """Attach the training commands to the root CLI (the ``moderation.cli`` entry point)."""
     labels_app.command("report")(labels_report)
+    labels_app.command("build")(labels_build)
     from training.recipe import TrainConfig
 
     app.command("train")(command_from_config(TrainConfig, train_command, _train))
@@ -692,5 +918,9 @@ def register(app: typer.Typer, labels_app: typer.Typer) -> None:
     from training.gate import GatePolicy
 
     app.command("gate")(command_from_config(GatePolicy, gate_command, _gate))
+    from training.adapt import AdaptConfig
+
+    app.command("adapt")(command_from_config(AdaptConfig, adapt_command, _adapt))
+    app.command("calibrate")(calibrate_command)
     app.add_typer(retrain_app, name="retrain")
     app.command("train-worker")(train_worker)

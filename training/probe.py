@@ -151,7 +151,8 @@ def fit_probe(
     pipe = make_pipeline(
         StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=5000, C=0.1, random_state=seed)
     )
-    pipe.fit(x[train], y[train])
+    weight = table["weight"].fillna(1.0).to_numpy(float) if "weight" in table else np.ones(len(table))
+    pipe.fit(x[train], y[train], logisticregression__sample_weight=weight[train])
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         np.save(cache_dir / "embeddings.npy", x)
