@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
-from training.data import ImageSource
+from training.data import ImageSource, score_uris
 from training.evaluate import (
     evaluate_scores,
     reencode_jpeg,
@@ -28,19 +29,27 @@ from training.evaluate import (
     score_with_checkpoint,
     summary_lines,
 )
-from training.gate import gate_and_publish
+from training.gate import GatePolicy, gate_and_publish
 from training.labels import load_labels, summarize
 from training.pretrained import resolve_pretrained
-from training.probe import embed, fit_probe
+from training.probe import fit_probe, save_probe
 from training.recipe import TrainConfig, train
 from training.simulate import simulated_teacher
 from worker.lifecycle.registry import LocalStore, Registry
-from worker.media.crops import CropSpec
 from worker.scoring.model import create_model, data_config
+from worker.scoring.scorer import Scorer
 from worker.settings import Settings
 
 TRANSFORMS = {"jpeg_q75": reencode_jpeg(75), "jpeg_q50": reencode_jpeg(50), "resize_0.5": resize_by(0.5)}
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "aigen-dev"
+
+
+def default_data() -> Path:
+    """MODERATION_DEV_DATA, else ``shared/data/aigen-dev`` next to the checkout."""
+    env = os.environ.get("MODERATION_DEV_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "aigen-dev"
+
+
+DATA = default_data()
 
 
 def main() -> None:
@@ -94,24 +103,13 @@ def main() -> None:
         std=std,
         device=settings.resolved_device(),
     )
-    probe_eval = probe.scores.drop(columns=["ai_score"]).merge(
-        truth[["image_uri", "ai_score"]], on="image_uri"
-    )
+    probe_ckpt = out / "probe-checkpoint"
+    save_probe(probe, probe_ckpt, arch=args.arch, crop_size=args.crop_size, mean=mean, std=std)
     test_uris = list(truth.loc[truth.split == "test", "image_uri"])
     src = ImageSource(settings)
-    probe_variants = {}
-    for key, tf in TRANSFORMS.items():
-        x = embed(
-            backbone,
-            test_uris,
-            src,
-            CropSpec(args.crop_size, 1),
-            mean=mean,
-            std=std,
-            device=settings.resolved_device(),
-            transform=tf,
-        )
-        probe_variants[key] = probe.pipeline.predict_proba(x)[:, 1]
+    probe_scorer = Scorer.load(str(probe_ckpt), settings)
+    probe_eval = truth.assign(score=score_uris(probe_scorer, list(truth["image_uri"]), src))
+    probe_variants = {key: score_uris(probe_scorer, test_uris, src, tf) for key, tf in TRANSFORMS.items()}
     rep = evaluate_scores(
         probe_eval,
         name=f"probe:{args.arch}",
@@ -170,7 +168,7 @@ def main() -> None:
     # gate and publish into a fresh registry (first version passes; a second run is compared)
     registry = Registry(LocalStore(out / "registry"))
     heldout = truth[truth.split == "test"]
-    g = gate_and_publish(run.checkpoint, heldout, heldout.iloc[0:0], registry, settings)
+    g = gate_and_publish(run.checkpoint, heldout, heldout.iloc[0:0], registry, settings, GatePolicy())
     results["gate"] = g.model_dump(mode="json")
     print(f"gate: passed={g.passed} published={g.published} current={registry.current_version()}")
     results["timings"] = timings

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import random
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,13 +21,23 @@ from PIL import Image
 
 from training.labels import HIGH, LabelsError
 from worker.errors import ModerationError
-from worker.media.crops import CropSpec, aggregate, inference_crops, training_crop
+from worker.media.crops import training_crop
 from worker.media.decode import decode_image
 from worker.media.fetch import Fetcher
-from worker.scoring.model import to_input
 
 if TYPE_CHECKING:
+    from worker.scoring.scorer import Scorer
     from worker.settings import Settings
+
+Transform = Callable[[Image.Image], Image.Image]
+
+# A held-out slice is carved automatically only when it gets at least this many items of each class: an AUC
+# on 2 positives is noise, and those items are worth more as training data.
+MIN_HELDOUT_PER_CLASS = 5
+
+
+class TrainingWarning(UserWarning):
+    """Something a run can go on with but its user must see (a missing validation slice, contamination)."""
 
 
 @dataclass(frozen=True)
@@ -46,16 +57,24 @@ class Augment:
 
 
 def jpeg_reencode(img: Image.Image, quality: int) -> Image.Image:
+    """The one JPEG re-encode (augmentation and robustness variants): Pillow, baseline, RGB out."""
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=int(quality))
+    img.convert("RGB").save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)
     return Image.open(buf).convert("RGB")
 
 
-def resample(img: Image.Image, scale: float, rng: random.Random) -> Image.Image:
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    method = rng.choice([Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS])
+def resize(
+    img: Image.Image, factor: float, method: Image.Resampling = Image.Resampling.BICUBIC
+) -> Image.Image:
+    """The one resize (augmentation and robustness variants): both sides scaled by ``factor``."""
+    size = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
     return img.resize(size, method)
+
+
+def resample(img: Image.Image, scale: float, rng: random.Random) -> Image.Image:
+    method = rng.choice([Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS])
+    return resize(img, scale, method)
 
 
 class ImageSource:
@@ -143,48 +162,15 @@ class CropDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return torch.from_numpy(np.array(crop, copy=True)), self.targets[i]
 
 
-@torch.inference_mode()
-def predict_logits(
-    model: torch.nn.Module,
-    uris: Sequence[str],
-    source: ImageSource,
-    spec: CropSpec,
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    aggregation: str = "max",
-    device: str | torch.device = "cpu",
-    batch_size: int = 64,
+def score_uris(
+    scorer: Scorer, uris: Sequence[str], source: ImageSource, transform: Transform | None = None
 ) -> np.ndarray:
-    """Per-image logits with the serving crops and aggregation (for models still in memory)."""
-    model.eval()
-    dev = torch.device(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    out = np.zeros(len(uris), dtype=np.float32)
-    pending: list[tuple[int, np.ndarray]] = []
+    """ai_score per image through the serving scorer (crops, aggregation, calibration).
 
-    def flush() -> None:
-        if not pending:
-            return
-        crops = np.concatenate([c for _, c in pending])
-        with autocast:
-            logits = model(to_input(crops, mean, std, dev)).float().reshape(-1).cpu().numpy()
-        k = 0
-        for idx, c in pending:
-            out[idx] = aggregate(logits[k : k + len(c)], aggregation)[0]  # type: ignore[arg-type]
-            k += len(c)
-        pending.clear()
-
-    n_crops = 0
-    for i, uri in enumerate(uris):
-        crops, _ = inference_crops(source.image(uri), spec)
-        pending.append((i, crops))
-        n_crops += len(crops)
-        if n_crops >= batch_size:
-            flush()
-            n_crops = 0
-    flush()
-    return out
+    ``transform`` scores a modified copy of each image (a robustness variant such as resize then re-encode).
+    """
+    images = (source.image(u) for u in uris)
+    return scorer.image_scores(transform(img) for img in images) if transform else scorer.image_scores(images)
 
 
 # --- splits ----------------------------------------------------------------------------------------------
@@ -194,10 +180,19 @@ def hard_labels(scores: pd.Series | np.ndarray) -> np.ndarray:
     return (np.asarray(scores, dtype=float) >= HIGH).astype(int)
 
 
-def assign_splits(df: pd.DataFrame, *, val_frac: float, test_frac: float, seed: int) -> pd.DataFrame:
+def assign_splits(
+    df: pd.DataFrame,
+    *,
+    val_frac: float,
+    test_frac: float,
+    seed: int,
+    min_per_class: int = MIN_HELDOUT_PER_CLASS,
+) -> pd.DataFrame:
     """Fill missing ``split`` values group-wise, stratified by label: near-duplicates never straddle splits.
 
     Explicit splits in the table win; a group with conflicting explicit splits is an error (it would leak).
+    Rows without a split train unless a held-out slice would get ``min_per_class`` items of each class;
+    when it would not, they all train and a :class:`TrainingWarning` says so with the numbers.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -206,31 +201,57 @@ def assign_splits(df: pd.DataFrame, *, val_frac: float, test_frac: float, seed: 
     conflicting = explicit[explicit > 1]
     if len(conflicting):
         raise LabelsError(
-            f"{len(conflicting)} group(s) span several explicit splits, e.g. {conflicting.index[0]!r}"
+            f"{len(conflicting)} group(s) span several explicit splits, e.g. group {conflicting.index[0]!r}; "
+            "fix: give every row of a group the same split"
         )
     group_split = out.dropna(subset=["split"]).groupby("group")["split"].first()
     known = out["group"].map(group_split)
     out["split"] = out["split"].fillna(known)
     todo = out["split"].isna()
     rest = out[todo]
-    for name, frac in (("test", test_frac), ("val", val_frac / max(1e-9, 1 - test_frac))):
+    for name, frac, share in (
+        ("test", test_frac, test_frac),
+        ("val", val_frac / max(1e-9, 1 - test_frac), val_frac),
+    ):
         if frac <= 0 or rest.empty:
             continue
         y = hard_labels(rest["ai_score"])
+        counts = np.bincount(y, minlength=2)
+        expected = [int(c * frac) for c in counts]
         n_splits = max(2, round(1 / min(frac, 0.5)))
-        if rest["group"].nunique() < n_splits:
+        if min(expected) < min_per_class or rest["group"].nunique() < n_splits:
+            if not (out["split"] == name).any():
+                warnings.warn(
+                    f"no {name} split: {len(rest)} unsplit rows ({counts[1]} AI, {counts[0]} real) "
+                    f"would give {share:.0%} = {expected[1]} AI and {expected[0]} real items, fewer than "
+                    f"{min_per_class} of each; they all train. Fix: add labels or mark rows split={name}",
+                    TrainingWarning,
+                    stacklevel=2,
+                )
             continue
-        stratify = y if min(np.bincount(y, minlength=2)) >= n_splits else np.zeros_like(y)
         cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        _, held = next(cv.split(rest, stratify, groups=rest["group"]))
+        _, held = next(cv.split(rest, y, groups=rest["group"]))
         out.loc[rest.index[held], "split"] = name
         rest = rest.drop(rest.index[held])
     out["split"] = out["split"].fillna("train")
     return out
 
 
+def expand_weights(df: pd.DataFrame) -> pd.DataFrame:
+    """Each row repeated ``weight`` times (rounded; 0 drops it): the oversampling an epoch sees."""
+    if "weight" not in df.columns:
+        return df
+    reps = np.rint(df["weight"].fillna(1.0).to_numpy(float)).astype(int)
+    return df.loc[df.index.repeat(reps)]
+
+
 def rehearsal_sample(old: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    """A buffer of ``n`` old items stratified by (source, label), so old domains keep their share."""
+    """A buffer of ``n`` old items stratified by (source, label), so old domains keep their share.
+
+    Never from the old table's held-out rows (``split`` test or val): the old test figure must stay honest.
+    """
+    if "split" in old.columns:
+        old = old[~old["split"].isin(["test", "val"])]
     if n <= 0 or old.empty:
         return old.iloc[0:0]
     if n >= len(old):

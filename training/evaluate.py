@@ -1,19 +1,18 @@
 """Evaluation: ranking quality with bootstrap intervals, per-source figures, calibration, thresholds, plots.
 
 Scores come from a checkpoint run through the serving path (``worker.scoring.scorer.Scorer``: checksum and
-golden validation, the shared crops and aggregation), or from a scores table (e.g. the probe baseline), so
-every candidate is judged by one function. Small benchmarks lie easily, so every AUC carries a bootstrap
-interval, per-source rows show which part of the data a number comes from, and re-encoded copies of the test
-images (another JPEG quality, a resize) expose models that learned the file format rather than the generator.
+golden validation, the shared crops, aggregation and calibration), or from a scores table, so every candidate
+is judged by one function. Small benchmarks lie easily, so every AUC carries a bootstrap interval, per-source
+rows show which part of the data a number comes from (within the source when it holds both classes; the
+pooled figure against the other sources is labelled as such), and modified copies of the test images (a
+resize, a JPEG re-encode, or both in a row) expose models that learned the file format, not the generator.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,10 +20,8 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from training.data import ImageSource, hard_labels
+from training.data import ImageSource, hard_labels, jpeg_reencode, resize, score_uris
 from training.plots import write_plots
-from training.progress import progress
-from worker.media.crops import aggregate, inference_crops
 from worker.settings import Settings
 
 Transform = Callable[[Image.Image], Image.Image]
@@ -56,7 +53,12 @@ class SourceRow(BaseModel):
     positives: int
     mean_score: float
     flagged_at_review: float = Field(description="share with score >= the review threshold")
-    roc_auc_vs_rest: Interval = Field(description="this source against every item of the other class")
+    roc_auc_within: Interval = Field(
+        description="both classes of this source only; n/a when the source holds one class"
+    )
+    roc_auc_pooled_cross_source: Interval = Field(
+        description="this source against every other source's items of the other class (cross-source)"
+    )
 
 
 class CalibrationBin(BaseModel):
@@ -95,21 +97,51 @@ class EvalReport(BaseModel):
 
 
 def reencode_jpeg(quality: int) -> Transform:
-    def f(img: Image.Image) -> Image.Image:
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=quality)
-        buf.seek(0)
-        return Image.open(buf).convert("RGB")
-
-    return f
+    return lambda img: jpeg_reencode(img, quality)
 
 
 def resize_by(factor: float) -> Transform:
+    return lambda img: resize(img, factor)
+
+
+def compose(*steps: Transform) -> Transform:
+    """Steps applied left to right, e.g. resize then re-encode (what a platform does to an upload)."""
+
     def f(img: Image.Image) -> Image.Image:
-        size = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
-        return img.resize(size, Image.Resampling.BICUBIC)
+        for step in steps:
+            img = step(img)
+        return img
 
     return f
+
+
+def parse_variant(spec: str) -> tuple[str, Transform]:
+    """``resize:0.5+jpeg:75`` -> (name, transform); steps run left to right."""
+    steps: list[Transform] = []
+    names: list[str] = []
+    for part in spec.split("+"):
+        kind, _, value = part.strip().partition(":")
+        try:
+            if kind == "jpeg":
+                q = int(value)
+                if not 1 <= q <= 100:
+                    raise ValueError
+                steps.append(reencode_jpeg(q))
+                names.append(f"jpeg_q{q}")
+            elif kind == "resize":
+                f = float(value)
+                if not f > 0:
+                    raise ValueError
+                steps.append(resize_by(f))
+                names.append(f"resize_{f:g}")
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"bad variant step {part!r} in {spec!r}; fix: use jpeg:QUALITY (1-100) or resize:FACTOR "
+                "(> 0), joined with + (e.g. resize:0.5+jpeg:75)"
+            ) from None
+    return "+".join(names), compose(*steps)
 
 
 def score_with_checkpoint(
@@ -123,17 +155,7 @@ def score_with_checkpoint(
     """ai_score per image exactly as a worker would compute it (optionally on transformed copies)."""
     from worker.scoring.scorer import Scorer
 
-    scorer = Scorer.load(uri, settings)
-    src = source or ImageSource(settings)
-    out = np.zeros(len(uris), dtype=np.float64)
-    for i, u in enumerate(progress(uris, desc="score", unit="img")):
-        img = src.image(u)
-        if transform is not None:
-            img = transform(img)
-        crops, _ = inference_crops(img, scorer.spec)
-        logit, _ = aggregate(scorer.logits(crops), scorer.aggregation)
-        out[i] = 1.0 / (1.0 + np.exp(-logit))
-    return out
+    return score_uris(Scorer.load(uri, settings), uris, source or ImageSource(settings), transform)
 
 
 # --- metrics --------------------------------------------------------------------------------------------
@@ -211,7 +233,9 @@ def per_source(df: pd.DataFrame, review: float, n_boot: int) -> list[SourceRow]:
     rows = []
     for name, g in df.groupby("source", sort=True):
         y = hard_labels(g["ai_score"])
-        # A source is usually one class; compare it with every item of the other class.
+        # within: only this source's items (the figure that says whether the model works on this source)
+        within = bootstrap(y, g["score"].to_numpy(float), roc_auc_score, n_boot)
+        # pooled cross-source: a one-class source against the other sources' items of the other class
         majority = int(y.mean() >= 0.5)
         other = df[(y_all != majority) & (df["source"] != name)]
         both = pd.concat([g, other])
@@ -222,7 +246,8 @@ def per_source(df: pd.DataFrame, review: float, n_boot: int) -> list[SourceRow]:
                 positives=int(y.sum()),
                 mean_score=float(g["score"].mean()),
                 flagged_at_review=float((g["score"] >= review).mean()),
-                roc_auc_vs_rest=bootstrap(
+                roc_auc_within=within,
+                roc_auc_pooled_cross_source=bootstrap(
                     hard_labels(both["ai_score"]), both["score"].to_numpy(float), roc_auc_score, n_boot
                 ),
             )
@@ -248,7 +273,10 @@ def evaluate_scores(
     """A report from a table with ``ai_score`` (the label), ``score`` (the model), ``split``, ``source``."""
     test = df[df["split"] == split] if split != "all" else df
     if test.empty:
-        raise ValueError(f"no rows in split {split!r}")
+        raise ValueError(
+            f"no rows in split {split!r} ({len(df)} rows, splits {df['split'].value_counts().to_dict()}); "
+            "fix: choose --split all/val/train, or mark rows split=test"
+        )
     y, p = hard_labels(test["ai_score"]), test["score"].to_numpy(float)
     report = EvalReport(name=name, split=split, test=ranking(y, p, n_boot))
     train = df[df["split"] == "train"]
@@ -293,7 +321,8 @@ def summary_lines(r: EvalReport) -> list[str]:
     for s in r.per_source:
         lines.append(
             f"  source {s.source}: n={s.n} pos={s.positives} mean={s.mean_score:.3f} "
-            f"flagged={s.flagged_at_review:.1%} AUC vs other class {s.roc_auc_vs_rest.fmt()}"
+            f"flagged={s.flagged_at_review:.1%} AUC within source {s.roc_auc_within.fmt()}, "
+            f"pooled cross-source {s.roc_auc_pooled_cross_source.fmt()}"
         )
     for k, v in r.variants.items():
         lines.append(f"  variant {k}: ROC-AUC {v.roc_auc.fmt()}, PR-AUC {v.pr_auc.fmt()}")
@@ -302,7 +331,3 @@ def summary_lines(r: EvalReport) -> list[str]:
 
 def report_json(r: EvalReport) -> str:
     return json.dumps(r.model_dump(mode="json"), indent=2)
-
-
-def attach_scores(df: pd.DataFrame, scores: np.ndarray | Sequence[float] | Any) -> pd.DataFrame:
-    return df.assign(score=np.asarray(scores, dtype=float))

@@ -24,6 +24,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel, Field
 
+from training.gate import GatePolicy
 from worker.records import utcnow
 from worker.settings import Settings
 
@@ -36,10 +37,9 @@ class JobRequest(BaseModel):
 
     labels: str
     options: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields, e.g. epochs.")
-    publish: bool = True
+    publish: bool = False
     overrides_from_redis: bool = True
-    tolerance: float = 0.0
-    min_roc_auc: float | None = None
+    policy: GatePolicy = Field(default_factory=GatePolicy)
     n_boot: int = 1000
 
 
@@ -118,6 +118,11 @@ def run_job(settings: Settings, job_id: str, request: JobRequest) -> dict[str, s
             score=score_with_checkpoint(str(result.checkpoint), list(table["image_uri"]), settings)
         )
         split = "test" if (table["split"] == "test").any() else "val"
+        if not (table["split"] == split).any():
+            raise ValueError(
+                f"no test or val items in {run_dir / 'splits.csv'} to evaluate on; fix: add labels, "
+                "mark rows split=test, or lower the min_heldout_per_class option"
+            )
         report = evaluate_scores(
             table, name=result.manifest.version, split=split, n_boot=request.n_boot, out_dir=run_dir / "eval"
         )
@@ -131,8 +136,7 @@ def run_job(settings: Settings, job_id: str, request: JobRequest) -> dict[str, s
             regression_set(overrides, exclude=table.loc[table["split"] == "train", "image_uri"]),
             registry,
             settings,
-            tolerance=request.tolerance,
-            min_roc_auc=request.min_roc_auc,
+            request.policy,
         )
         state = "succeeded" if g.passed else "rejected"
         store.update(

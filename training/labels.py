@@ -1,7 +1,10 @@
 """The labels table: teacher scores plus moderator overrides, validated once at the edge.
 
 A labels table (parquet or CSV) has ``image_uri, ai_score`` in [0, 1] and optionally ``split`` (train, val,
-test), ``group`` (near-duplicates share one, so they never straddle a split) and ``source``. Bad rows are
+test), ``group`` (near-duplicates share one, so they never straddle a split), ``source`` and ``weight`` (how
+many times a row is seen per training epoch: oversample a few precious new labels with 4, leave out with 0).
+A relative ``image_uri`` is a path relative to the table's own folder, so a table travels with its images.
+Bad rows are
 dropped and reported with a typed reason rather than failing the run: a teacher export with a few NaNs should
 not block a retrain, but nobody should train without seeing what was dropped. Moderator overrides win over the
 teacher for their items, because a human looked at them.
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
     from worker.delivery.store import DecisionStore
 
 REQUIRED = ("image_uri", "ai_score")
-OPTIONAL = ("split", "group", "source")
+OPTIONAL = ("split", "group", "source", "weight")
 SPLITS = ("train", "val", "test")
 LOW, HIGH = 0.1, 0.5  # the article's "confidently real" and "flagged" cut-offs
 
@@ -43,6 +46,18 @@ class BadRowReason(StrEnum):
     SCORE_OUT_OF_RANGE = "score_out_of_range"
     DUPLICATE_URI = "duplicate_uri"
     UNKNOWN_SPLIT = "unknown_split"
+    BAD_WEIGHT = "bad_weight"
+
+
+FIXES = {
+    BadRowReason.MISSING_URI: "give the image's path or URI in image_uri",
+    BadRowReason.MISSING_SCORE: "give ai_score (teacher probability, or 0/1 for a human label)",
+    BadRowReason.SCORE_NOT_A_NUMBER: "write ai_score as a number in [0, 1]",
+    BadRowReason.SCORE_OUT_OF_RANGE: "ai_score is a probability: scale it into [0, 1]",
+    BadRowReason.DUPLICATE_URI: "keep one row per image; to oversample it, set its weight column (e.g. 4)",
+    BadRowReason.UNKNOWN_SPLIT: "use split train, val or test, or leave it empty",
+    BadRowReason.BAD_WEIGHT: "weight is a number >= 0 (times seen per epoch; empty means 1)",
+}
 
 
 class BadRow(BaseModel):
@@ -50,6 +65,16 @@ class BadRow(BaseModel):
     image_uri: str | None
     reason: BadRowReason
     detail: str
+
+    @property
+    def fix(self) -> str:
+        return FIXES[self.reason]
+
+    def describe(self) -> str:
+        """One line naming the row (and its CSV line), what is wrong and how to fix it."""
+        uri = f" {self.image_uri}" if self.image_uri else ""
+        where = f"row {self.row} (CSV line {self.row + 2}){uri}"
+        return f"{where}: {self.reason.value} ({self.detail}); fix: {self.fix}"
 
 
 class ValidationReport(BaseModel):
@@ -104,6 +129,18 @@ class LabelsSummary(BaseModel):
     per_split: dict[str, int] = Field(default_factory=dict)
 
 
+def is_local_path(uri: str) -> bool:
+    return "://" not in uri
+
+
+def resolve_uri(uri: str, base: Path) -> str:
+    """A relative path is relative to the labels table's folder, not to wherever the command runs."""
+    if not is_local_path(uri):
+        return uri
+    p = Path(uri).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     p = Path(path)
     if not p.is_file():
@@ -124,8 +161,21 @@ def _blank(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
 
 
-def validate(df: pd.DataFrame) -> tuple[pd.DataFrame, ValidationReport]:
-    """Keep the good rows (normalised columns), report every dropped one with its reason."""
+def _num(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+COLUMNS = ["image_uri", "ai_score", "split", "group", "source", "weight", "teacher_score", "label_source"]
+
+
+def validate(df: pd.DataFrame, base: Path | None = None) -> tuple[pd.DataFrame, ValidationReport]:
+    """Keep the good rows (normalised columns), report every dropped one with its reason.
+
+    ``base``: the folder relative ``image_uri`` paths are resolved against (the table's own folder).
+    """
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise LabelsError(f"labels table lacks required column(s) {missing}; it has {list(df.columns)}")
@@ -136,6 +186,8 @@ def validate(df: pd.DataFrame) -> tuple[pd.DataFrame, ValidationReport]:
         uri: Any = rec.get("image_uri")
         raw: Any = rec.get("ai_score")
         uri_s = None if _blank(uri) else str(uri).strip()
+        if uri_s is not None and base is not None:
+            uri_s = resolve_uri(uri_s, base)
         if uri_s is None:
             bad.append(
                 BadRow(row=i, image_uri=None, reason=BadRowReason.MISSING_URI, detail="empty image_uri")
@@ -167,6 +219,16 @@ def validate(df: pd.DataFrame) -> tuple[pd.DataFrame, ValidationReport]:
                 )
             )
             continue
+        raw_w: Any = rec.get("weight")
+        try:
+            weight = 1.0 if _blank(raw_w) else float(raw_w)
+        except (TypeError, ValueError):
+            weight = math.nan
+        if not (weight >= 0.0) or math.isinf(weight):
+            bad.append(
+                BadRow(row=i, image_uri=uri_s, reason=BadRowReason.BAD_WEIGHT, detail=repr(raw_w)[:80])
+            )
+            continue
         if uri_s in seen:
             bad.append(
                 BadRow(row=i, image_uri=uri_s, reason=BadRowReason.DUPLICATE_URI, detail="first row kept")
@@ -180,19 +242,18 @@ def validate(df: pd.DataFrame) -> tuple[pd.DataFrame, ValidationReport]:
                 "split": split,
                 "group": uri_s if _blank(rec.get("group")) else str(rec["group"]),
                 "source": "unknown" if _blank(rec.get("source")) else str(rec["source"]),
-                "teacher_score": score,
-                "label_source": "teacher",
+                "weight": weight,
+                "teacher_score": score if _blank(rec.get("teacher_score")) else _num(rec["teacher_score"]),
+                "label_source": "teacher" if _blank(rec.get("label_source")) else str(rec["label_source"]),
             }
         )
-    out = pd.DataFrame(
-        rows,
-        columns=["image_uri", "ai_score", "split", "group", "source", "teacher_score", "label_source"],
-    )
+    out = pd.DataFrame(rows, columns=COLUMNS)
     return out, ValidationReport(total=len(df), valid=len(out), bad=bad)
 
 
 def load_labels(path: str | Path) -> tuple[pd.DataFrame, ValidationReport]:
-    return validate(read_table(path))
+    """Read and validate a table; relative image paths resolve against the table's folder."""
+    return validate(read_table(path), base=Path(path).resolve().parent)
 
 
 # --- overrides -----------------------------------------------------------------------------------------
@@ -235,8 +296,9 @@ def overrides_from_file(path: str | Path) -> list[Override]:
     df = read_table(path)
     if "image_uri" not in df.columns or not ({"verdict", "target"} & set(df.columns)):
         raise LabelsError(f"{path}: an overrides file needs image_uri and verdict (or target) columns")
+    base = Path(path).resolve().parent
     out = [override_from_fields(r) for r in df.to_dict("records")]
-    return [o for o in out if o is not None]
+    return [o.model_copy(update={"image_uri": resolve_uri(o.image_uri, base)}) for o in out if o is not None]
 
 
 def latest_per_uri(overrides: Iterable[Override]) -> dict[str, Override]:
@@ -262,6 +324,7 @@ def apply_overrides(
                 "split": None,
                 "group": o.image_uri,
                 "source": "override",
+                "weight": 1.0,
                 "teacher_score": o.model_score,
                 "label_source": "override",
             }

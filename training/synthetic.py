@@ -28,6 +28,7 @@ from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 from training.losses import soft_bce
 from worker.media.crops import CropSpec, inference_crops, training_crop
 from worker.scoring.model import create_model, data_config, to_input
+from worker.scoring.scorer import sigmoid
 
 View = Callable[[Image.Image, random.Random, bool], np.ndarray]
 
@@ -169,7 +170,7 @@ def fit_predict(
     with torch.inference_mode():
         for i in range(0, len(test), 128):
             x = to_input(np.stack([view(img, rng, False) for img in test[i : i + 128]]), mean, std)
-            out.append(torch.sigmoid(model(x).float().reshape(-1)).numpy())
+            out.append(sigmoid(model(x).float().reshape(-1).numpy()))
     return np.concatenate(out)
 
 

@@ -69,18 +69,50 @@ def test_evaluate_cli_report_plots_and_variants(
 
     code, _, err = invoke(
         *("probe", "-l", str(image_set), "--arch", "test_resnet", "--crop-size", "32", "-o", "pr"),
-        *("--n-boot", "50", "--device", "cpu"),
+        *("--n-boot", "50", "--device", "cpu", "--test-frac", "0.5"),
         cwd=tmp_path,
     )
     assert code == 0, err[-3000:]
-    prep = json.loads((tmp_path / "pr" / "report.json").read_text())
-    assert prep["name"] == "probe:test_resnet" and prep["test"]["n"] > 0
+    prep = json.loads((tmp_path / "pr" / "eval" / "report.json").read_text())
+    assert prep["name"] == "probe:test_resnet" and prep["test"]["n"] == 12
     code, out, err = invoke(
-        *("evaluate", "-l", str(image_set), "--scores", "pr/scores.csv", "-o", "ev2", "--json"),
+        *("evaluate", "-l", "pr/splits.csv", "--scores", "pr/eval/scores.csv", "-o", "ev2", "--json"),
         cwd=tmp_path,
     )
     assert code == 0, err[-3000:]
     assert json.loads(out)["test"]["n"] == prep["test"]["n"]
+    # the probe is a checkpoint like any other: evaluate loads it (checksum, golden scores) and agrees
+    code, out, err = invoke(
+        *("evaluate", "-l", "pr/splits.csv", "-c", "pr/checkpoint", "-o", "ev3", "--json", "--n-boot", "50"),
+        *("--variant", "resize:0.5+jpeg:60", "--device", "cpu"),
+        cwd=tmp_path,
+    )
+    assert code == 0, err[-3000:]
+    via_checkpoint = json.loads(out)
+    assert via_checkpoint["test"]["roc_auc"]["value"] == pytest.approx(prep["test"]["roc_auc"]["value"])
+    assert set(via_checkpoint["variants"]) == {"resize_0.5+jpeg_q60"}
+    code, _, err = invoke(
+        *("evaluate", "-l", "pr/splits.csv", "-c", "pr/checkpoint", "-o", "ev4", "--variant", "blur:2"),
+        cwd=tmp_path,
+    )
+    assert code == 2 and "jpeg:QUALITY" in err
+
+
+def test_per_source_auc_is_within_the_source_and_the_pooled_figure_is_labelled() -> None:
+    from training.evaluate import per_source
+
+    # source "a": both classes, ranked backwards within it; source "b": one class, far from a's reals
+    df = pd.DataFrame(
+        {
+            "source": ["a"] * 8 + ["b"] * 4,
+            "ai_score": [1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1],
+            "score": [0.2, 0.3, 0.25, 0.35, 0.6, 0.7, 0.65, 0.75, 0.9, 0.95, 0.92, 0.99],
+        }
+    )
+    rows = {r.source: r for r in per_source(df, review=0.5, n_boot=50)}
+    assert rows["a"].roc_auc_within.value == 0.0  # the figure that says this source is broken
+    assert rows["b"].roc_auc_within.value is None  # one class: no within-source AUC
+    assert rows["b"].roc_auc_pooled_cross_source.value == 1.0  # b's AI against a's reals
 
 
 def test_gate_refuses_a_candidate_that_undoes_moderator_overrides(image_set: Path, tmp_path: Path) -> None:
@@ -97,7 +129,9 @@ def test_gate_refuses_a_candidate_that_undoes_moderator_overrides(image_set: Pat
     ).to_csv(tmp_path / "overrides.csv", index=False)
     reg_dir = tmp_path / "registry"
     env = {"MODERATION_HOME": str(tmp_path / "home")}
-    common = ("-l", str(image_set), "--overrides-file", "overrides.csv", "--registry", str(reg_dir))
+    labels.assign(split="test").to_csv(tmp_path / "heldout.csv", index=False)  # nothing here was trained on
+    common = ("-l", "heldout.csv", "--overrides-file", "overrides.csv")
+    common += ("--registry", str(reg_dir), "--min-heldout", "20", "--min-per-class", "10", "--n-boot", "200")
 
     code, out, err = invoke("gate", str(says_real), *common, "--min-roc-auc", "0.9", cwd=tmp_path, env=env)
     assert code == 3 and "min_roc_auc" in err, out + err  # a constant model is below any useful floor
@@ -108,8 +142,18 @@ def test_gate_refuses_a_candidate_that_undoes_moderator_overrides(image_set: Pat
     real_version = registry.current_version()
     assert real_version is not None
 
+    # four overrides are fewer than the default ten: refused for lack of evidence, with the numbers
     code, out, err = invoke("gate", str(says_ai), *common, cwd=tmp_path, env=env)
+    assert code == 3 and "4 override items" in out and "at least 10" in out, out + err
+    # enough overrides allowed: refused because it gets every correction wrong again
+    code, out, err = invoke("gate", str(says_ai), *common, "--min-overrides", "4", cwd=tmp_path, env=env)
     assert code == 3, out + err
-    assert "override_agreement" in out and "gate failed" in err
+    assert "override_agreement" in out and "gate refused" in err
     assert registry.current_version() == real_version
-    assert len(registry.versions()) == 1  # a failed candidate is not published at all
+    assert len(registry.versions()) == 1  # a refused candidate is not published at all
+
+    # too few held-out items: refused before any comparison, naming the numbers
+    code, out, err = invoke(
+        *("gate", str(says_real), "-l", str(image_set), "--registry", str(reg_dir)), cwd=tmp_path, env=env
+    )
+    assert code == 3 and "heldout_size" in err and "needs at least 40" in out, out + err

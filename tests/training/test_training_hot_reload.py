@@ -25,7 +25,8 @@ def test_gate_publishes_and_a_running_worker_reloads(image_set: Path, redis_url:
         pid = w.pid
         candidate = constant_checkpoint(tmp_path / "new", -4.0)
         code, out, err = invoke(
-            *("gate", str(candidate), "-l", str(image_set), "--registry", str(reg_dir)),
+            *("gate", str(candidate), "-l", str(image_set), "--registry", str(reg_dir), "--split", "all"),
+            *("--min-heldout", "20", "--min-per-class", "10", "--n-boot", "200"),
             cwd=tmp_path,
             env={"REDIS_URL": redis_url, "MODERATION_HOME": str(tmp_path / "home")},
         )

@@ -37,8 +37,15 @@ def test_retrain_runs_on_the_training_worker_and_reports(
     )
     try:
         opts = ("arch=test_resnet", "crop_size=32", "epochs=1", "batch_size=8", "workers=0", "device=cpu")
+        opts += ("min_heldout_per_class=2",)
+        bogus = run_cli("retrain", "-l", str(image_set), "-O", "bogus=1", cwd=tmp_path, **env)
+        assert bogus.returncode == 2 and "bogus" in bogus.stderr and "Traceback" not in bogus.stderr
         sent = run_cli(
-            "retrain", "-l", str(image_set), *[a for o in opts for a in ("-O", o)], cwd=tmp_path, **env
+            "retrain",
+            *("-l", str(image_set), "--publish", "--min-heldout", "0", "--min-per-class", "0"),
+            *[a for o in opts for a in ("-O", o)],
+            cwd=tmp_path,
+            **env,
         )
         assert sent.returncode == 0, sent.stderr[-2000:]
         import redis

@@ -25,16 +25,16 @@ from worker.delivery.store import DecisionStore
 from worker.records import Decision, Verdict
 
 ROWS = [
-    ("a.jpg", 0.9, "sd", "train"),
-    ("b.jpg", 0.05, "photo", ""),
-    ("b.jpg", 0.1, "photo", ""),  # duplicate
-    ("c.jpg", 1.5, "sd", ""),  # out of range
+    ("s3://b/a.jpg", 0.9, "sd", "train"),
+    ("s3://b/b.jpg", 0.05, "photo", ""),
+    ("s3://b/b.jpg", 0.1, "photo", ""),  # duplicate
+    ("s3://b/c.jpg", 1.5, "sd", ""),  # out of range
     ("", 0.3, "", ""),  # no uri
-    ("d.jpg", "abc", "", ""),  # not a number
-    ("e.jpg", 0.2, "photo", "holdout"),  # unknown split
-    ("f.jpg", None, "photo", ""),  # missing score
-    ("g.jpg", 0.02, "photo", "test"),
-    ("h.jpg", 0.01, "photo", "val"),
+    ("s3://b/d.jpg", "abc", "", ""),  # not a number
+    ("s3://b/e.jpg", 0.2, "photo", "holdout"),  # unknown split
+    ("s3://b/f.jpg", None, "photo", ""),  # missing score
+    ("s3://b/g.jpg", 0.02, "photo", "test"),
+    ("s3://b/h.jpg", 0.01, "photo", "val"),
 ]
 
 
@@ -45,7 +45,7 @@ def write_csv(path: Path, rows: list[tuple[object, ...]] = ROWS) -> Path:
 
 def test_validation_keeps_good_rows_and_types_every_bad_one(tmp_path: Path) -> None:
     df, report = load_labels(write_csv(tmp_path / "l.csv"))
-    assert list(df["image_uri"]) == ["a.jpg", "b.jpg", "g.jpg", "h.jpg"]
+    assert list(df["image_uri"]) == ["s3://b/a.jpg", "s3://b/b.jpg", "s3://b/g.jpg", "s3://b/h.jpg"]
     assert report.total == len(ROWS) and report.valid == 4
     assert {b.row: b.reason for b in report.bad} == {
         2: BadRowReason.DUPLICATE_URI,
@@ -55,7 +55,7 @@ def test_validation_keeps_good_rows_and_types_every_bad_one(tmp_path: Path) -> N
         6: BadRowReason.UNKNOWN_SPLIT,
         7: BadRowReason.MISSING_SCORE,
     }
-    assert df.loc[df.image_uri == "b.jpg", "split"].isna().all()
+    assert df.loc[df.image_uri == "s3://b/b.jpg", "split"].isna().all()
     assert (df["group"] == df["image_uri"]).all()  # no group column: each image is its own group
 
 
@@ -88,9 +88,9 @@ def _decide(store: DecisionStore, event_id: str, uri: str, verdict: Verdict, sco
 
 def test_overrides_from_the_real_redis_stream_win_over_the_teacher(redis_url: str, tmp_path: Path) -> None:
     store = DecisionStore.from_url(redis_url, "t")
-    _decide(store, "e1", "a.jpg", Verdict.BLOCK, 0.95)  # teacher said AI, moderator allows
-    _decide(store, "e2", "g.jpg", Verdict.ALLOW, 0.02)  # moderator blocks
-    _decide(store, "e3", "new.jpg", Verdict.REVIEW, 0.6)  # not in the table, moderator confirms
+    _decide(store, "e1", "s3://b/a.jpg", Verdict.BLOCK, 0.95)  # teacher said AI, moderator allows
+    _decide(store, "e2", "s3://b/g.jpg", Verdict.ALLOW, 0.02)  # moderator blocks
+    _decide(store, "e3", "s3://b/new.jpg", Verdict.REVIEW, 0.6)  # not in the table, moderator confirms
     store.override("e1", Verdict.ALLOW, "ann")
     store.override("e2", Verdict.BLOCK, "bob")
     store.override("e3", Verdict.REVIEW, "bob")
@@ -99,23 +99,34 @@ def test_overrides_from_the_real_redis_stream_win_over_the_teacher(redis_url: st
 
     df, _ = load_labels(write_csv(tmp_path / "l.csv"))
     merged = apply_overrides(df, overrides).set_index("image_uri")
-    assert merged.loc["a.jpg", "ai_score"] == 0.0 and merged.loc["a.jpg", "teacher_score"] == 0.9
-    assert merged.loc["g.jpg", "ai_score"] == 1.0 and merged.loc["g.jpg", "label_source"] == "override"
-    assert merged.loc["b.jpg", "label_source"] == "teacher"
-    assert merged.loc["new.jpg", "ai_score"] == 1.0
+    assert (
+        merged.loc["s3://b/a.jpg", "ai_score"] == 0.0 and merged.loc["s3://b/a.jpg", "teacher_score"] == 0.9
+    )
+    assert (
+        merged.loc["s3://b/g.jpg", "ai_score"] == 1.0
+        and merged.loc["s3://b/g.jpg", "label_source"] == "override"
+    )
+    assert merged.loc["s3://b/b.jpg", "label_source"] == "teacher"
+    assert merged.loc["s3://b/new.jpg", "ai_score"] == 1.0
     # review -> review is not a disagreement; allow<->block flips are the regression set
-    assert sorted(regression_set(overrides)["image_uri"]) == ["a.jpg", "g.jpg"]
+    assert sorted(regression_set(overrides)["image_uri"]) == ["s3://b/a.jpg", "s3://b/g.jpg"]
     # items the candidate trained on cannot test it
-    assert list(regression_set(overrides, exclude=["a.jpg"])["image_uri"]) == ["g.jpg"]
+    assert list(regression_set(overrides, exclude=["s3://b/a.jpg"])["image_uri"]) == ["s3://b/g.jpg"]
     assert summarize(merged.reset_index()).overridden == 3
 
 
 def test_overrides_file_latest_wins_and_cli_report(tmp_path: Path) -> None:
-    pd.DataFrame({"image_uri": ["a.jpg", "a.jpg", "b.jpg"], "verdict": ["allow", "block", "error"]}).to_csv(
-        tmp_path / "ov.csv", index=False
-    )
+    pd.DataFrame(
+        {
+            "image_uri": ["s3://b/a.jpg", "s3://b/a.jpg", "s3://b/b.jpg"],
+            "verdict": ["allow", "block", "error"],
+        }
+    ).to_csv(tmp_path / "ov.csv", index=False)
     ov = overrides_from_file(tmp_path / "ov.csv")
-    assert [(o.image_uri, o.target) for o in ov] == [("a.jpg", 0.0), ("a.jpg", 1.0)]  # error is no label
+    assert [(o.image_uri, o.target) for o in ov] == [
+        ("s3://b/a.jpg", 0.0),
+        ("s3://b/a.jpg", 1.0),
+    ]  # error is no label
     write_csv(tmp_path / "l.csv")
     out = subprocess.run(
         [
@@ -167,11 +178,49 @@ def test_the_review_pages_labels_export_is_an_overrides_file(redis_url: str, tmp
     from worker.review.labels import override_labels, write_labels
 
     store = DecisionStore.from_url(redis_url, "rx")
-    _decide(store, "e1", "a.jpg", Verdict.BLOCK, 0.95)
-    _decide(store, "e2", "g.jpg", Verdict.ALLOW, 0.02)
+    _decide(store, "e1", "s3://b/a.jpg", Verdict.BLOCK, 0.95)
+    _decide(store, "e2", "s3://b/g.jpg", Verdict.ALLOW, 0.02)
     store.override("e1", Verdict.ALLOW, "ann")
     store.override("e2", Verdict.BLOCK, "bob")
     write_labels(override_labels(store), tmp_path / "export.parquet")
     ov = {o.image_uri: o for o in overrides_from_file(tmp_path / "export.parquet")}
-    assert (ov["a.jpg"].target, ov["a.jpg"].model_score, ov["a.jpg"].disagreed) == (0.0, 0.95, True)
-    assert (ov["g.jpg"].target, ov["g.jpg"].moderator) == (1.0, "bob")
+    assert (ov["s3://b/a.jpg"].target, ov["s3://b/a.jpg"].model_score, ov["s3://b/a.jpg"].disagreed) == (
+        0.0,
+        0.95,
+        True,
+    )
+    assert (ov["s3://b/g.jpg"].target, ov["s3://b/g.jpg"].moderator) == (1.0, "bob")
+
+
+def test_relative_paths_resolve_against_the_tables_folder_and_weights_validate(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    pd.DataFrame(
+        {
+            "image_uri": ["img/a.png", "/abs/b.png", "s3://b/c.png", "img/d.png", "img/e.png"],
+            "ai_score": [0.9, 0.1, 0.2, 0.8, 0.7],
+            "weight": [4, None, 0, -1, "x"],
+        }
+    ).to_csv(tmp_path / "data" / "l.csv", index=False)
+    df, report = load_labels(tmp_path / "data" / "l.csv")
+    assert list(df["image_uri"]) == [str(tmp_path / "data" / "img" / "a.png"), "/abs/b.png", "s3://b/c.png"]
+    assert list(df["weight"]) == [4.0, 1.0, 0.0]
+    assert [b.reason for b in report.bad] == [BadRowReason.BAD_WEIGHT] * 2
+    line = report.bad[0].describe()
+    assert line.startswith("row 3 (CSV line 5)") and "fix:" in line and "weight" in line
+    pd.DataFrame({"image_uri": ["img/a.png"], "verdict": ["allow"]}).to_csv(tmp_path / "data" / "ov.csv")
+    (ov,) = overrides_from_file(tmp_path / "data" / "ov.csv")
+    assert ov.image_uri == str(tmp_path / "data" / "img" / "a.png")  # matches the table's row
+
+
+def test_the_bundled_samples_are_a_valid_labels_table(tmp_path: Path) -> None:
+    from tests.training.helpers import invoke
+    from worker.samples import sample_dir, sample_labels
+
+    code, out, err = invoke(
+        "labels", "report", "-l", str(sample_dir() / "labels.csv"), "--json", cwd=tmp_path
+    )
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["validation"]["bad"] == [] and rep["summary"]["n"] == len(sample_labels()) == 8
+    df, _ = load_labels(sample_dir() / "labels.csv")
+    assert all(Path(u).is_file() for u in df["image_uri"])  # resolved next to the table, from any cwd

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -37,6 +38,7 @@ def config(labels: Path, out: Path, **kw: object) -> TrainConfig:
         clip_grad=1.0,
         jpeg_prob=0.5,
         label_smoothing=0.05,
+        min_heldout_per_class=2,
     )
     base.update(kw)
     return TrainConfig.model_validate(base)
@@ -77,16 +79,16 @@ def test_resume_replays_exactly_and_the_checkpoint_serves(image_set: Path, tmp_p
 
 def test_group_splits_and_conflicts(image_set: Path) -> None:
     df, _ = load_labels(image_set)
-    out = assign_splits(df, val_frac=0.2, test_frac=0.25, seed=3)
+    out = assign_splits(df, val_frac=0.2, test_frac=0.25, seed=3, min_per_class=2)
     assert set(out["split"]) == {"train", "val", "test"}
     assert out.groupby("group")["split"].nunique().max() == 1
     pinned = df.copy()
     pinned.loc[0, "split"] = "test"  # its group partner has no split: it must follow into test
-    out2 = assign_splits(pinned, val_frac=0.2, test_frac=0.25, seed=3)
+    out2 = assign_splits(pinned, val_frac=0.2, test_frac=0.25, seed=3, min_per_class=2)
     assert set(out2.loc[out2["group"] == pinned.loc[0, "group"], "split"]) == {"test"}
     pinned.loc[1, "split"] = "train"
     with pytest.raises(LabelsError, match="span several explicit splits"):
-        assign_splits(pinned, val_frac=0.2, test_frac=0.25, seed=3)
+        assign_splits(pinned, val_frac=0.2, test_frac=0.25, seed=3, min_per_class=2)
 
 
 def test_rehearsal_buffer_keeps_each_stratum(image_set: Path) -> None:
@@ -111,7 +113,7 @@ def test_cli_train_continual_from_a_checkpoint_with_rehearsal(
     df, _ = load_labels(image_set)
     df.iloc[:8].to_csv(tmp_path / "new.csv", index=False)
     out = run_cli(
-        *("train", "-l", "new.csv", "-o", "run", "--quiet", "--arch", "test_convnext", "--crop-size", "64"),
+        *("train", "-l", "new.csv", "-o", "run", "--quiet", "--crop-size", "64"),
         *("--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"),
         *("--init-from", str(tiny_checkpoint), "--layer-decay", "0.7"),
         *("--rehearsal-labels", str(image_set), "--rehearsal-size", "6", "--publish"),
@@ -133,3 +135,50 @@ def test_cli_train_continual_from_a_checkpoint_with_rehearsal(
         cwd=tmp_path,
     )
     assert wrong.returncode == 2 and "test_convnext" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_weights_oversample_select_best_and_loud_warnings(image_set: Path, tmp_path: Path) -> None:
+    from training.data import TrainingWarning
+
+    df = pd.read_csv(image_set)
+    df["weight"] = [3] * 4 + [0] * 2 + [1] * 18  # four precious rows seen 3x, two left out
+    df["split"] = ["train"] * 18 + ["val"] * 6
+    df.to_csv(tmp_path / "w.csv", index=False)
+    settings = Settings(home=tmp_path / "home", device="cpu")
+    with pytest.warns(TrainingWarning, match="no split column"):
+        res = train(
+            config(
+                tmp_path / "w.csv",
+                tmp_path / "run",
+                select_best=True,
+                rehearsal_labels=image_set,  # a raw table: its old test rows cannot be told apart
+                rehearsal_size=2,
+            ),
+            settings,
+        )
+    assert res is not None and res.manifest is not None
+    m = res.manifest.metrics
+    assert (
+        m["train_items"] == 18 + 0 and m["train_items_per_epoch"] == 4 * 3 + 12 * 1 + 0
+    )  # rehearsal: none new
+    best = max(res.history, key=lambda h: h.get("val_roc_auc", -1))
+    assert m["epoch"] == best["epoch"] and m["val_roc_auc"] == best["val_roc_auc"]
+
+    # the in-memory scorer used for validation and the loaded checkpoint give the same scores
+    from training.data import ImageSource, score_uris
+    from worker.scoring.checkpoint import load_checkpoint as load
+
+    ck = load(res.checkpoint)
+    mf = ck.manifest
+    uris = list(df["image_uri"][:6])
+    src = ImageSource(settings)
+    mem = Scorer.from_model(
+        ck.model, settings, arch=mf.arch, crop_size=mf.crop_size, mean=mf.mean, std=mf.std
+    )
+    assert np.allclose(
+        score_uris(mem, uris, src), score_uris(Scorer.load(str(res.checkpoint), settings), uris, src)
+    )
+
+    df.assign(split=["train"] * 24).to_csv(tmp_path / "noval.csv", index=False)
+    with pytest.warns(TrainingWarning, match="no validation items"):
+        train(config(tmp_path / "noval.csv", tmp_path / "run2", epochs=1), settings)

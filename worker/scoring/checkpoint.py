@@ -68,6 +68,22 @@ class GoldenScore(BaseModel):
     logit: float
 
 
+class Calibration(BaseModel):
+    """A monotone map of the model's logit, fitted on moderator labels: ``logit / temperature + offset``.
+
+    It changes scores and so verdicts, never the ranking; a recalibrated version ships the same weights.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    temperature: float = Field(1.0, gt=0.0)
+    offset: float = 0.0
+    fitted_on: int = Field(0, ge=0, description="labelled items the fit used")
+
+    def apply(self, logits: Any) -> Any:
+        return logits / self.temperature + self.offset
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True, protected_namespaces=())
 
@@ -88,6 +104,7 @@ class Manifest(BaseModel):
     weights_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     golden: list[GoldenScore] = Field(default_factory=list)
     notes: str = ""
+    calibration: Calibration | None = Field(None, description="Applied to the aggregated logit when set.")
 
     @field_validator("mean", "std")
     @classmethod
@@ -255,7 +272,7 @@ def check_golden(ckpt: Checkpoint, device: str = "cpu", tolerance: float = 0.05)
         # NaN compares false with every tolerance, so it must be refused before any comparison.
         raise InvalidCheckpoint(f"{m.version}: non-finite golden outputs {got}")
     want = np.array([g.logit for g in m.golden])
-    drift = np.abs(_sigmoid(np.array(got)) - _sigmoid(want))
+    drift = np.abs(sigmoid(np.array(got)) - sigmoid(want))
     if float(drift.max()) > tolerance:
         worst = m.golden[int(drift.argmax())].name
         raise CheckpointError(
@@ -263,8 +280,10 @@ def check_golden(ckpt: Checkpoint, device: str = "cpu", tolerance: float = 0.05)
         )
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+def sigmoid(x: Any) -> Any:
+    """The logistic function for scalars and arrays (the one the scoring path uses); never overflows."""
+    y = 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+    return float(y) if np.ndim(y) == 0 else y
 
 
 def upload_checkpoint(local: Path, uri: str, settings: Settings) -> None:

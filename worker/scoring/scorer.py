@@ -8,13 +8,14 @@ decoded with their batch on the GPU (:mod:`worker.media.jpeg`, :meth:`Scorer.mat
 
 from __future__ import annotations
 
-import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -29,11 +30,13 @@ from worker.media.fetch import Fetcher
 from worker.media.jpeg import JpegDecoder, Pending
 from worker.media.provenance import ProvenanceReader
 from worker.records import Box, CropScore, Decision, Event, Provenance, Verdict
-from worker.scoring.checkpoint import Checkpoint, check_golden, load_checkpoint
+from worker.scoring.checkpoint import Checkpoint, Manifest, check_golden, load_checkpoint, sigmoid
 from worker.scoring.duplicates import DuplicateIndex, Match, pdq_hash, pdq_hash_image
 from worker.scoring.model import to_input
 from worker.scoring.policy import provenance_verdict, verdict_for
 from worker.settings import Settings
+
+__all__ = ["Prepared", "Scorer", "error_decision", "prepare", "prepare_bytes", "score_events", "sigmoid"]
 
 log = structlog.get_logger(__name__)
 
@@ -201,9 +204,69 @@ class Scorer:
             check_golden(ckpt, settings.resolved_device(), settings.golden_tolerance)
         return cls(ckpt, settings)
 
+    @classmethod
+    def from_model(
+        cls,
+        model: torch.nn.Module,
+        settings: Settings,
+        *,
+        arch: str,
+        crop_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_crops: int = 1,
+        aggregation: str = "max",
+    ) -> Scorer:
+        """A scorer around a model still in memory (training's validation), with the serving preprocessing."""
+        manifest = Manifest(
+            version="unsaved",
+            arch=arch,
+            crop_size=crop_size,
+            num_crops=num_crops,
+            aggregation=aggregation,
+            mean=tuple(mean),
+            std=tuple(std),
+            weights_sha256="",
+        )
+        return cls(Checkpoint(manifest=manifest, model=model, path=Path()), settings)
+
     @property
     def version(self) -> str:
         return self.manifest.version
+
+    def calibrated(self, logits: Any) -> Any:
+        """The manifest's calibration applied to aggregated logits (identity without one)."""
+        cal = self.manifest.calibration
+        return logits if cal is None else cal.apply(logits)
+
+    def image_logits(self, images: Iterable[Image.Image]) -> np.ndarray:
+        """One calibrated, aggregated logit per decoded image: the serving crops, batched across images."""
+        out: list[float] = []
+        pending: list[np.ndarray] = []
+
+        def flush() -> None:
+            if pending:
+                logits = self.logits(np.concatenate(pending))
+                k = 0
+                for c in pending:
+                    out.append(aggregate(logits[k : k + len(c)], self.aggregation)[0])
+                    k += len(c)
+                pending.clear()
+
+        n = 0
+        for img in images:
+            crops, _ = inference_crops(img, self.spec)
+            pending.append(crops)
+            n += len(crops)
+            if n >= self.settings.max_batch:
+                flush()
+                n = 0
+        flush()
+        return np.asarray(self.calibrated(np.asarray(out, dtype=np.float64)), dtype=np.float64)
+
+    def image_scores(self, images: Iterable[Image.Image]) -> np.ndarray:
+        """ai_score per decoded image, exactly as a decision would carry it."""
+        return sigmoid(self.image_logits(images))
 
     @torch.inference_mode()
     def logits(self, crops: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -226,7 +289,7 @@ class Scorer:
             )
             return error_decision(event, exc, self.version)
         logit, deciding = aggregate(crop_logits, self.aggregation)
-        score = _sigmoid(logit)
+        score = float(sigmoid(self.calibrated(logit)))
         thresholds = self.manifest.thresholds
         verdict, rule = provenance_verdict(
             verdict_for(score, thresholds), prepared.provenance, self.settings.provenance_declared_ai_verdict
@@ -241,7 +304,7 @@ class Scorer:
             provenance=prepared.provenance,
             ai_score=score,
             crops=[
-                CropScore(box=b, ai_score=_sigmoid(float(v)))
+                CropScore(box=b, ai_score=float(sigmoid(self.calibrated(float(v)))))
                 for b, v in zip(prepared.boxes, crop_logits, strict=True)
             ],
             deciding_crop=deciding,
@@ -410,13 +473,6 @@ def error_decision(event: Event, exc: ModerationError, model_version: str | None
         priority=event.priority,
         metadata=event.metadata,
     )
-
-
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
 
 
 def score_events(

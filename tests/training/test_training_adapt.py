@@ -1,0 +1,184 @@
+"""The label loop's new steps: labels build, few-label adaptation with its gate, recalibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.training.conftest import write_image_set
+from tests.training.helpers import invoke
+from training.build import build_labels, decisions_from_archive, decisions_from_store
+from training.calibrate import CalibrationError, fit_calibration, raw_logits, write_calibrated
+from training.data import ImageSource
+from training.labels import load_labels, overrides_from_store
+from worker.delivery.store import DecisionStore
+from worker.lifecycle.registry import LocalStore, Registry
+from worker.records import Decision, Verdict
+from worker.scoring.checkpoint import Calibration, read_manifest
+from worker.scoring.scorer import Scorer, sigmoid
+from worker.settings import Settings
+
+
+def test_labels_build_joins_teacher_decisions_and_overrides_and_overrides_win(
+    redis_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "t").mkdir()
+    pd.DataFrame(
+        {
+            "image_uri": ["a.jpg", "b.jpg", "c.jpg"],
+            "ai_score": [0.9, 0.2, 0.05],
+            "source": ["sd", "cam", "cam"],
+        }
+    ).to_csv(tmp_path / "t" / "teacher.csv", index=False)
+    a, b, c, d = (str(tmp_path / "t" / f"{n}.jpg") for n in "abcd")  # relative rows resolve next to the table
+    store = DecisionStore.from_url(redis_url, "lb")
+    for i, (uri, verdict, score) in enumerate(
+        [(a, Verdict.BLOCK, 0.95), (b, Verdict.ALLOW, 0.1), (d, Verdict.REVIEW, 0.6)]
+    ):
+        store.write(
+            Decision(
+                item_id=f"i{i}",
+                event_id=f"e{i}",
+                image_uri=uri,
+                verdict=verdict,
+                ai_score=score,
+                model_version="m1",
+            )
+        )
+    store.override("e0", Verdict.ALLOW, "ann")  # the moderators say a is real
+    store.override("e0", Verdict.ALLOW, "bob")
+    store.override("e2", Verdict.BLOCK, "ann")  # d is not in the teacher's table
+    pd.DataFrame(
+        {
+            "image_uri": [a, b],
+            "ai_score": [0.95, 0.1],
+            "model_version": ["m1", "m1"],
+            "verdict": ["block", "allow"],
+        }
+    ).to_parquet(tmp_path / "archive.parquet")
+
+    teacher, _ = load_labels(tmp_path / "t" / "teacher.csv")
+    built = build_labels(teacher, decisions_from_store(store), overrides_from_store(store)).set_index(
+        "image_uri"
+    )
+    assert set(built.index) == {a, b, c, d}
+    assert built.loc[a, "ai_score"] == 0.0 and built.loc[a, "teacher_score"] == 0.9  # the override won
+    assert built.loc[a, "label_source"] == "override" and built.loc[b, "label_source"] == "teacher"
+    assert built.loc[a, "n_verdicts"] == 2 and built.loc[a, "n_agree"] == 2
+    assert "ann:allow@" in built.loc[a, "verdicts"] and "bob:allow@" in built.loc[a, "verdicts"]
+    assert built.loc[a, "moderator"] == "bob" and built.loc[a, "model_version"] == "m1"
+    assert built.loc[a, "model_score"] == 0.95 and built.loc[d, "ai_score"] == 1.0
+    assert pd.isna(built.loc[c, "model_version"])  # never decided: no model provenance
+    assert list(decisions_from_archive(tmp_path / "archive.parquet")["model_score"]) == [0.95, 0.1]
+
+    code, out, err = invoke(
+        *("labels", "build", "-o", "built/labels.parquet", "--teacher", "t/teacher.csv"),
+        *("--decisions", "archive.parquet", "--overrides-from-redis"),
+        cwd=tmp_path,
+        env={"REDIS_URL": redis_url, "MODERATION_NAMESPACE": "lb"},
+    )
+    assert code == 0, err
+    assert "4 items, 2 labelled by moderators" in out
+    df, report = load_labels(tmp_path / "built" / "labels.parquet")  # what report, probe and train read
+    assert report.bad == [] and len(df) == 4
+    code, _, err = invoke("labels", "report", "-l", "built/labels.parquet", cwd=tmp_path)
+    assert code == 0, err
+    code, _, err = invoke("labels", "build", "-o", "x.csv", "--decisions", "nope", cwd=tmp_path)
+    assert code == 2 and "not found" in err and "fix:" in err
+
+
+def test_fit_calibration_recovers_a_known_map_and_refuses_a_backwards_model() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 4000)
+    y = (rng.random(4000) < sigmoid(z / 2.0 - 1.0)).astype(int)
+    cal = fit_calibration(z, y)
+    assert cal.temperature == pytest.approx(2.0, rel=0.15) and cal.offset == pytest.approx(-1.0, abs=0.15)
+    with pytest.raises(CalibrationError, match="backwards"):
+        fit_calibration(-z, y)
+    with pytest.raises(CalibrationError, match="at least 10"):
+        fit_calibration(z[:5], y[:5])
+
+
+def test_calibrated_version_shares_the_weights_and_the_scorer_applies_it(
+    image_set: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    settings = Settings(home=tmp_path / "home", device="cpu")
+    uris = list(pd.read_csv(image_set)["image_uri"])
+    base = read_manifest(tiny_checkpoint)
+    z = raw_logits(str(tiny_checkpoint), uris, settings)
+    cal = Calibration(temperature=0.5, offset=1.0, fitted_on=24)
+    m = write_calibrated(str(tiny_checkpoint), tmp_path / "cal", cal, base.thresholds, settings)
+    assert (
+        m.weights_sha256 == base.weights_sha256
+        and m.parent_version == base.version
+        and m.version != base.version
+    )
+    scorer = Scorer.load(str(tmp_path / "cal"), settings)  # checksum and golden scores still validate
+    src = ImageSource(settings)
+    got = scorer.image_scores(src.image(u) for u in uris)
+    assert np.allclose(got, sigmoid(z / 0.5 + 1.0), atol=1e-5)
+    assert np.allclose(raw_logits(str(tmp_path / "cal"), uris, settings, src), z, atol=1e-4)
+
+    # the CLI: labels the model ranks right (by construction), thresholds for a target precision, published
+    pd.DataFrame({"image_uri": uris, "ai_score": (z > np.median(z)).astype(float)}).to_csv(
+        tmp_path / "mods.csv"
+    )
+    reg = tmp_path / "registry"
+    code, out, err = invoke(
+        *(
+            "calibrate",
+            "-c",
+            str(tiny_checkpoint),
+            "-l",
+            "mods.csv",
+            "-o",
+            "cal2",
+            "--target-precision",
+            "0.9",
+        ),
+        *("--publish", "--registry", str(reg), "--device", "cpu"),
+        cwd=tmp_path,
+        env={"MODERATION_HOME": str(tmp_path / "home")},
+    )
+    assert code == 0, err
+    current = Registry(LocalStore(reg)).current_version()
+    published = read_manifest(tmp_path / "cal2")
+    assert current == published.version and published.calibration is not None
+    assert published.calibration.fitted_on == 24 and "temperature" in out
+
+
+def test_adapt_trains_every_new_item_gates_both_candidates_and_publishes_the_better(
+    image_set: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    old = pd.read_csv(image_set)
+    old["split"] = ["test"] * 8 + ["train"] * 16  # the old run's splits: its test rows must stay unseen
+    old.to_csv(tmp_path / "old-splits.csv", index=False)
+    new_labels = write_image_set(tmp_path / "new", n=12, size=64, seed=5)
+    code, out, err = invoke(
+        *("adapt", "-l", str(new_labels), "-o", "ad", "--init-from", str(tiny_checkpoint)),
+        *("--rehearsal-labels", "old-splits.csv", "--rehearsal-size", "6", "--oversample", "3"),
+        *("--epochs", "1", "--batch-size", "8", "--device", "cpu", "--n-boot", "200", "--publish"),
+        *("--min-heldout", "8", "--min-per-class-gate", "4"),
+        cwd=tmp_path,
+        env={"MODERATION_HOME": str(tmp_path / "home"), "COLUMNS": "200"},
+    )
+    assert code in (0, 3), err
+    assert "too few to hold" in out  # 12 new items: no best-epoch slice, and the user is told
+    new = pd.read_csv(tmp_path / "ad" / "new.csv")
+    assert (new["split"] == "train").all() and (new["weight"] == 3).all()  # all train, oversampled
+    splits = pd.read_csv(tmp_path / "ad" / "finetune" / "splits.csv")
+    rehearsed = set(splits.loc[splits["label_source"] == "rehearsal", "image_uri"])
+    assert len(rehearsed) == 6 and not rehearsed & set(old.loc[old["split"] == "test", "image_uri"])
+    assert "finetune" in out and "probe" in out and "first version" in out  # an empty registry
+    ckpts = {"finetune": tmp_path / "ad" / "finetune" / "checkpoint", "probe": tmp_path / "ad" / "probe"}
+    for path in ckpts.values():
+        m = read_manifest(path)
+        assert m.arch == "test_convnext" and m.parent_version == read_manifest(tiny_checkpoint).version
+        Scorer.load(str(path), Settings(device="cpu"))  # loads like any checkpoint
+    assert code == 0, out + err
+    registry = Registry(LocalStore(tmp_path / "home" / "registry"))
+    assert registry.current_version() in {read_manifest(p).version for p in ckpts.values()}
+    assert "Traceback" not in err

@@ -1,0 +1,228 @@
+"""Few-label adaptation: 10 to 200 new labelled items from a new domain, on top of a working checkpoint.
+
+The generic recipe wastes a tiny set: it holds 30% out, mixes the rest into a rehearsal buffer that drowns it,
+and exports whatever the last epoch gave. Here:
+
+* every new item trains, except a stratified slice for best-epoch selection when the new items have enough
+  of each class for one (``min_per_class``); otherwise the last epoch is exported and a warning says why;
+* the new items are oversampled so they make about half of what each epoch sees next to the rehearsal buffer
+  (``weight`` column, see :func:`training.data.expand_weights`); explicit weights in the table win;
+* the rehearsal buffer comes from the old labels' training rows only (never the old test split);
+* epochs and learning rate are set from the number of new items: a fixed budget of images seen, so ten items
+  do not get a two-epoch run and two hundred do not get fifty;
+* a second candidate, the probe refit (the init checkpoint's frozen backbone with a new linear head on the
+  same items), costs one forward pass per image and is sometimes the better one on very few labels.
+
+Both candidates are ordinary checkpoints; ``moderation adapt`` sends both through the gate and publishes the
+better passing one only when asked.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from training.data import MIN_HELDOUT_PER_CLASS, TrainingWarning, hard_labels
+from training.labels import LabelsError, load_labels
+from training.recipe import TrainConfig, init_uri, rehearsal_table, train
+from worker.scoring.checkpoint import Manifest, fetch_checkpoint, load_checkpoint, read_manifest
+from worker.settings import Settings
+
+IMAGES_SEEN = 2400  # per run, whatever the set size: about 10 epochs of 25 items x4 + 140 old ones
+
+
+class AdaptConfig(BaseModel):
+    """A few-label adaptation run; unset fields are chosen from the number of new items."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: Path = Field(description="The new labelled items (labels table).")
+    out: Path = Field(description="Run directory: finetune/, probe/, new.csv.")
+    init_from: str = Field("current", description="Checkpoint dir/URI to adapt, or 'current'.")
+    rehearsal_labels: Path | None = Field(
+        None, description="Old labels (the old run's splits.csv or run dir); only their train rows are used."
+    )
+    rehearsal_size: int | None = Field(None, ge=0, description="Old items mixed in; default 4x new, >= 100.")
+    oversample: float | None = Field(None, gt=0, description="Times each new item is seen per epoch.")
+    epochs: int | None = Field(None, ge=1, description="Default: a fixed budget of images seen, 5 to 30.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW, cosine, short warmup).")
+    batch_size: int = Field(16, ge=1)
+    holdout_frac: float = Field(0.2, ge=0, lt=1, description="Share of new items for best-epoch selection.")
+    min_per_class: int = Field(MIN_HELDOUT_PER_CLASS, ge=1, description="Per class, to hold a slice out.")
+    crop_size: int | None = Field(None, ge=8, description="Default: the init checkpoint's.")
+    probe: bool = Field(True, description="Also refit the probe as a second candidate.")
+    seed: int = 0
+    workers: int = Field(0, ge=0, description="Data loader processes.")
+    device: str = "auto"
+    progress: bool = Field(False, description="Progress bars.")
+
+
+@dataclass
+class Candidate:
+    name: str  # "finetune" or "probe"
+    checkpoint: Path
+    manifest: Manifest
+
+
+@dataclass
+class AdaptResult:
+    run_dir: Path
+    candidates: list[Candidate]
+    new_items: int
+    heldout_items: int
+    oversample: float
+    rehearsal_size: int
+    epochs: int
+
+
+def plan(n_new: int, cfg: AdaptConfig, old_train: int) -> tuple[int, float, int]:
+    """(rehearsal size, oversampling of new items, epochs) for ``n_new`` training items."""
+    rehearsal = cfg.rehearsal_size if cfg.rehearsal_size is not None else max(100, 4 * n_new)
+    rehearsal = min(rehearsal, old_train)
+    over = cfg.oversample or float(min(8, max(1, round(rehearsal / max(1, n_new)))))
+    per_epoch = rehearsal + round(over) * n_new
+    epochs = cfg.epochs or int(min(30, max(5, math.ceil(IMAGES_SEEN / max(1, per_epoch)))))
+    return rehearsal, over, epochs
+
+
+def split_new(df: pd.DataFrame, cfg: AdaptConfig) -> pd.DataFrame:
+    """New items train; a stratified, group-aware slice goes to ``val`` only if it gets enough of each class.
+
+    Rows the table already marks ``test`` stay held out (for the gate); explicit ``val`` rows stay ``val``.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    out = df.copy()
+    free = out["split"].isna() | (out["split"] == "train")
+    rest = out[free]
+    y = hard_labels(rest["ai_score"]) if len(rest) else np.zeros(0, dtype=int)
+    counts = np.bincount(y, minlength=2)
+    expected = [int(c * cfg.holdout_frac) for c in counts]
+    if (out["split"] == "val").any():
+        pass
+    elif cfg.holdout_frac > 0 and min(expected) >= cfg.min_per_class:
+        n_splits = max(2, round(1 / min(cfg.holdout_frac, 0.5)))
+        cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=cfg.seed)
+        _, held = next(cv.split(rest, y, groups=rest["group"]))
+        out.loc[rest.index[held], "split"] = "val"
+    else:
+        warnings.warn(
+            f"{len(rest)} new items ({counts[1]} AI, {counts[0]} real): too few to hold "
+            f"{cfg.min_per_class} of each class out for best-epoch selection, so all of them train and "
+            "the last epoch is exported. "
+            "Fix: label more items, or mark some split=val",
+            TrainingWarning,
+            stacklevel=2,
+        )
+    out.loc[out["split"].isna(), "split"] = "train"
+    return out
+
+
+def adapt(cfg: AdaptConfig, settings: Settings) -> AdaptResult:
+    """Fine-tune and probe-refit candidates from ``cfg.init_from`` on the new items (+ rehearsal)."""
+    new, report = load_labels(cfg.labels)
+    if new.empty:
+        raise LabelsError(f"no valid new items in {cfg.labels} ({len(report.bad)} bad rows)")
+    y = hard_labels(new["ai_score"])
+    if len(set(y)) < 2:
+        raise LabelsError(
+            f"{cfg.labels}: all {len(new)} new items are one class; fix: label items of both classes "
+            "(ai_score >= 0.5 and < 0.5)"
+        )
+    uri = init_uri(cfg.init_from, settings)
+    base = read_manifest(fetch_checkpoint(uri, settings))
+    crop = cfg.crop_size or base.crop_size
+    cfg.out.mkdir(parents=True, exist_ok=True)
+
+    table = split_new(new, cfg)
+    train_new = table[table["split"] == "train"]
+    old_train = 0
+    if cfg.rehearsal_labels is not None:
+        old = rehearsal_table(cfg.rehearsal_labels)
+        old_train = int((~old["split"].isin(["test", "val"])).sum())
+    rehearsal, over, epochs = plan(len(train_new), cfg, old_train)
+    explicit = "weight" in table and (table["weight"] != 1.0).any()
+    if not explicit:
+        table.loc[table["split"] == "train", "weight"] = over
+    new_csv = cfg.out / "new.csv"
+    table.to_csv(new_csv, index=False)
+
+    tcfg = TrainConfig(
+        labels=new_csv,
+        out=cfg.out / "finetune",
+        init_from=uri,
+        crop_size=crop,
+        epochs=epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        warmup_epochs=min(1.0, 0.1 * epochs),
+        weight_decay=0.05,
+        clip_grad=1.0,
+        rehearsal_labels=cfg.rehearsal_labels,
+        rehearsal_size=rehearsal if cfg.rehearsal_labels is not None else 0,
+        val_frac=0.0,
+        test_frac=0.0,
+        select_best=bool((table["split"] == "val").any()),
+        num_crops=base.num_crops,
+        aggregation=base.aggregation,
+        review=base.thresholds.review,
+        block=base.thresholds.block,
+        seed=cfg.seed,
+        workers=cfg.workers,
+        device=cfg.device,
+        progress=cfg.progress,
+    )
+    result = train(tcfg, settings)
+    assert result is not None and result.manifest is not None
+    candidates = [Candidate("finetune", result.checkpoint, result.manifest)]
+    if cfg.probe:
+        candidates.append(refit_probe(uri, result.run_dir / "splits.csv", cfg, settings, base, crop))
+    return AdaptResult(
+        run_dir=cfg.out,
+        candidates=candidates,
+        new_items=len(new),
+        heldout_items=int((table["split"] != "train").sum()),
+        oversample=over,
+        rehearsal_size=rehearsal,
+        epochs=epochs,
+    )
+
+
+def refit_probe(
+    uri: str, splits: Path, cfg: AdaptConfig, settings: Settings, base: Manifest, crop: int
+) -> Candidate:
+    """The init checkpoint's frozen backbone with a new linear head, fitted on the fine-tune's train rows."""
+    from training.probe import fit_probe, save_probe
+
+    table = pd.read_csv(splits, dtype={"split": str, "group": str, "source": str})
+    ckpt = load_checkpoint(uri, settings)
+    result = fit_probe(
+        table,
+        ckpt.model,
+        settings,
+        crop_size=crop,
+        mean=base.mean,
+        std=base.std,
+        num_crops=base.num_crops,
+        device=settings.model_copy(update={"device": cfg.device}).resolved_device(),
+        seed=cfg.seed,
+    )
+    manifest = save_probe(
+        result,
+        cfg.out / "probe",
+        arch=base.arch,
+        crop_size=crop,
+        mean=base.mean,
+        std=base.std,
+        num_crops=base.num_crops,
+        aggregation="mean",
+        thresholds=base.thresholds,
+        parent_version=base.version,
+    )
+    return Candidate("probe", cfg.out / "probe", manifest)
