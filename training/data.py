@@ -169,7 +169,9 @@ def score_uris(
 
     ``transform`` scores a modified copy of each image (a robustness variant such as resize then re-encode).
     """
-    images = (source.image(u) for u in uris)
+    from training.progress import progress
+
+    images = (source.image(u) for u in progress(uris, desc="score", unit="img"))
     return scorer.image_scores(transform(img) for img in images) if transform else scorer.image_scores(images)
 
 
