@@ -14,6 +14,7 @@ upgrade).
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -116,6 +117,19 @@ class Event(BaseModel):
             if any(e["type"] == "unsupported_version" for e in exc.errors()):
                 raise UnsupportedVersion(_short_errors(exc)) from exc
             raise SchemaError(_short_errors(exc)) from exc
+
+
+_EVENT_ID = re.compile(r'"event_id"\s*:\s*"([^"\\]{1,200})"')
+
+
+def loose_event_id(raw: str | bytes) -> str:
+    """The event id a malformed message names, if any, so the producer side can be found.
+
+    A pattern, not a parser: the body may be truncated, hostile or nested past any recursion limit.
+    """
+    text = raw[:65536].decode("utf-8", "replace") if isinstance(raw, bytes) else raw[:65536]
+    found = _EVENT_ID.search(text)
+    return found.group(1) if found else ""
 
 
 def _short_errors(exc: ValidationError) -> str:

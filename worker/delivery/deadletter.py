@@ -18,7 +18,7 @@ from typing import Any
 
 from worker.delivery.store import DecisionStore
 from worker.errors import SchemaError
-from worker.records import Event, Priority, utcnow
+from worker.records import Event, Priority, loose_event_id, utcnow
 
 PAGE = 500
 
@@ -48,7 +48,9 @@ class DeadLetter:
             event = Event.from_json(raw, context=context) if raw else None
         except SchemaError:
             event = None
-        event_id = fields.get("event_id") or (event.event_id if event else None) or _loose_id(raw)
+        event_id = (
+            fields.get("event_id") or (event.event_id if event else None) or loose_event_id(raw) or None
+        )
         known = {"reason", "detail", "raw", "raw_encoding", "at", "event_id"}
         return cls(
             id=entry_id,
@@ -87,16 +89,6 @@ class DeadLetter:
             obj["event_id"] = self.event_id
             return json.dumps(obj)
         return self.raw
-
-
-def _loose_id(raw: str) -> str | None:
-    """A malformed message may still name its event; show it so the producer side can be found."""
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        return None
-    value = obj.get("event_id") if isinstance(obj, dict) else None
-    return value if isinstance(value, str) else None
 
 
 @dataclass

@@ -197,23 +197,36 @@ class StreamConsumer:
             self.metrics.in_flight.set(len(self._held))
         for stream, entry_id, fields, deliveries in entries:
             ack = (stream, entry_id)
-            parsed = parse_entry(self._kind[stream], entry_id, fields, self.settings.max_event_bytes)
-            if isinstance(parsed, Rejected):
-                self._dead_letter(ack, parsed.reason, parsed.detail, parsed.raw, parsed.event_id, deliveries)
-            elif deliveries > self.settings.max_deliveries:
-                detail = (
-                    f"delivered {deliveries} times without a decision (max_deliveries "
-                    f"{self.settings.max_deliveries}): workers crashed or stalled while deciding it"
-                )
-                raw: bytes | str = fields.get(b"event") or fields.get("event") or b""
-                self._dead_letter(
-                    ack, DeadLetterReason.REDELIVERY_LIMIT, detail, raw, parsed.event_id, deliveries
-                )
-            else:
-                self._observe_wait(parsed)
-                jobs.append(Job(parsed, ack))
+            try:
+                job = self._admit(ack, fields, deliveries)
+            except Exception:  # a bug or Redis away: release it; it stays pending and comes back reclaimed
+                log.exception("entry_not_admitted", entry_id=entry_id)
+                self.settled([ack])
+                continue
+            if job is not None:
+                jobs.append(job)
         if jobs:
             self.batcher.submit(jobs)
+
+    def _admit(self, ack: Ack, fields: dict[Any, Any], deliveries: int) -> Job | None:
+        """The entry as a job for the batcher, or None once it is dead-lettered (and acked)."""
+        stream, entry_id = ack
+        parsed = parse_entry(self._kind[stream], entry_id, fields, self.settings.max_event_bytes)
+        if isinstance(parsed, Rejected):
+            self._dead_letter(ack, parsed.reason, parsed.detail, parsed.raw, parsed.event_id, deliveries)
+            return None
+        if deliveries > self.settings.max_deliveries:
+            detail = (
+                f"delivered {deliveries} times without a decision (max_deliveries "
+                f"{self.settings.max_deliveries}): workers crashed or stalled while deciding it"
+            )
+            raw: bytes | str = fields.get(b"event") or fields.get("event") or b""
+            self._dead_letter(
+                ack, DeadLetterReason.REDELIVERY_LIMIT, detail, raw, parsed.event_id, deliveries
+            )
+            return None
+        self._observe_wait(parsed)
+        return Job(parsed, ack)
 
     def _observe_wait(self, event: Event) -> None:
         waited = time.time() - event.submitted_at.timestamp()

@@ -17,7 +17,7 @@ from typing import Any
 
 from worker.errors import SchemaError
 from worker.keys import EVENT_FIELD
-from worker.records import Event, UnsupportedVersion
+from worker.records import Event, UnsupportedVersion, loose_event_id
 
 
 class DeadLetterReason(StrEnum):
@@ -53,6 +53,15 @@ def default_event_id(stream_kind: str, entry_id: str) -> str:
 
 def parse_entry(stream_kind: str, entry_id: str, fields: dict[Any, Any], max_bytes: int) -> Event | Rejected:
     """Validate one stream entry; never raises."""
+    try:
+        return _parse(stream_kind, entry_id, fields, max_bytes)
+    except Exception as exc:  # whatever else hostile input finds: still one dead letter, never a crash
+        body = fields.get(EVENT_FIELD.encode(), fields.get(EVENT_FIELD))
+        raw = body if isinstance(body, bytes) else repr(fields).encode()
+        return Rejected(DeadLetterReason.MALFORMED_EVENT, f"{type(exc).__name__}: {exc}", raw)
+
+
+def _parse(stream_kind: str, entry_id: str, fields: dict[Any, Any], max_bytes: int) -> Event | Rejected:
     raw: bytes | None = None
     try:
         by_name = {_text(k): v for k, v in fields.items()}
@@ -64,18 +73,15 @@ def parse_entry(stream_kind: str, entry_id: str, fields: dict[Any, Any], max_byt
         raw = body if isinstance(body, bytes) else str(body).encode()
         if len(raw) > max_bytes:
             detail = f"{len(raw)} bytes, over the {max_bytes}-byte limit (MODERATION_MAX_EVENT_BYTES)"
-            return Rejected(DeadLetterReason.EVENT_TOO_LARGE, detail, raw, _loose_event_id(raw[:4096]))
+            return Rejected(DeadLetterReason.EVENT_TOO_LARGE, detail, raw, loose_event_id(raw))
         context = {"event_id": default_event_id(stream_kind, entry_id), "submitted_at": entry_time(entry_id)}
         return Event.from_json(raw, context=context)
     except UnsupportedVersion as exc:
         assert raw is not None
-        return Rejected(DeadLetterReason.UNSUPPORTED_VERSION, str(exc), raw, _loose_event_id(raw))
+        return Rejected(DeadLetterReason.UNSUPPORTED_VERSION, str(exc), raw, loose_event_id(raw))
     except SchemaError as exc:
         assert raw is not None
-        return Rejected(DeadLetterReason.MALFORMED_EVENT, str(exc), raw, _loose_event_id(raw))
-    except Exception as exc:  # whatever else hostile input finds: still one dead letter, never a crash
-        body_bytes = raw if raw is not None else repr(fields).encode()
-        return Rejected(DeadLetterReason.MALFORMED_EVENT, f"{type(exc).__name__}: {exc}", body_bytes)
+        return Rejected(DeadLetterReason.MALFORMED_EVENT, str(exc), raw, loose_event_id(raw))
 
 
 def _text_or_repr(v: Any) -> str:
@@ -85,16 +91,6 @@ def _text_or_repr(v: Any) -> str:
         except UnicodeDecodeError:
             return repr(v)
     return str(v)
-
-
-def _loose_event_id(raw: bytes) -> str:
-    """A malformed message may still name its event; keep it so the producer side can be found."""
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        return ""
-    value = obj.get("event_id") if isinstance(obj, dict) else None
-    return value if isinstance(value, str) else ""
 
 
 def entry_fields(event_json: str | bytes) -> dict[str, str | bytes]:
