@@ -15,6 +15,7 @@ from tests.core import images
 from tests.worker_proc import running_worker
 from worker.errors import ErrorReason
 from worker.ingress.producer import Producer
+from worker.keys import Keys
 from worker.media.fetch import Fetcher
 from worker.records import Event, Verdict
 from worker.scoring.scorer import Scorer, score_events
@@ -50,7 +51,7 @@ def test_worker_with_device_jpeg_decode_matches_pillow_and_decides_each_event_on
         log = w.log()
     assert len(got) == len(events)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    counts = Counter(f["event_id"] for _, f in client.xrange("moderation:decisions"))
+    counts = Counter(f["event_id"] for _, f in client.xrange(Keys("moderation").decisions))
     assert set(counts) == {e.event_id for e in events} and max(counts.values()) == 1
 
     for e in events:
