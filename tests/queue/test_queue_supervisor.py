@@ -163,7 +163,7 @@ def test_a_child_killed_stops_the_unit_non_zero_and_a_restart_decides_each_event
     redis_url: str, producer: Producer, tiny_checkpoint: Path, image_dir: Path, tmp_path: Path
 ) -> None:
     fast = {
-        "MODERATION_VISIBILITY_TIMEOUT_S": "6",  # also the supervisor's bound on the survivor's drain
+        "MODERATION_VISIBILITY_TIMEOUT_S": "20",  # also the supervisor's bound on the survivor's drain
         "MODERATION_RECLAIM_INTERVAL_S": "0.5",
         "MODERATION_PREFETCH": "4",  # the survivor's drain must fit in the supervisor's bound above
     }

@@ -108,7 +108,19 @@ class StreamConsumer:
         with self._cond:
             while self._held and time.monotonic() < deadline:
                 self._cond.wait(0.1)
-            return not self._held
+            drained = not self._held
+        if drained and self._thread is not None:
+            self._leave_group()
+        return drained
+
+    def _leave_group(self) -> None:
+        """Holding nothing, leave the group, so ``XINFO CONSUMERS`` lists live workers only."""
+        for stream in self.keys.streams:
+            try:
+                if not self.r.xpending_range(stream, self.keys.group, "-", "+", 1, consumername=self.name):
+                    self.r.xgroup_delconsumer(stream, self.keys.group, self.name)
+            except redis.RedisError as exc:
+                log.warning("leave_group_failed", stream=stream, error=str(exc))
 
     @property
     def held(self) -> int:
