@@ -255,8 +255,19 @@ def main() -> None:
     ap.add_argument("--e2e-only", action="store_true", help="skip the in-process baselines")
     ap.add_argument("--crop-size", type=int, default=224)
     ap.add_argument("--no-fixed-load", action="store_true", help="saturation only (shorter runs)")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        help="intra-op threads here and in the worker (OMP_NUM_THREADS); on a shared, oversubscribed host "
+        "OpenMP's spin-waiting otherwise dominates both CPU figures",
+    )
     ap.add_argument("--out", type=Path, help="write raw figures as JSON here")
     args = ap.parse_args()
+    if args.torch_threads:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # inherited by the worker
+        torch.set_num_threads(args.torch_threads)
 
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
@@ -285,6 +296,8 @@ def main() -> None:
             "processes": args.processes,
             "megapixels": args.megapixels,
             "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "torch_threads": args.torch_threads,
+            "load_average": os.getloadavg()[0],
         }
         if args.e2e_only:
             res["model_only_images_per_s"] = res["in_process_images_per_s"] = float("nan")
