@@ -6,6 +6,7 @@ script are exercised in seconds.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,8 +14,11 @@ import redis
 
 from tests.core import images
 from tests.queue.test_queue_worker import _wait_until
+from worker.delivery.store import DecisionStore
 from worker.errors import ModerationError
+from worker.ingress.consumer import StreamConsumer, ensure_groups
 from worker.ingress.producer import Producer
+from worker.ops.metrics import Metrics
 from worker.process.runtime import Runtime
 from worker.records import Decision, Event, Verdict
 from worker.scoring.scorer import Prepared, Scorer
@@ -78,3 +82,22 @@ def test_runtime_decides_dead_letters_drains_and_leaves_the_group(
     assert client.xinfo_consumers(runtime.keys.events, runtime.keys.group) == []  # it left the group
     assert not client.exists(runtime.keys.worker("burst"))  # heartbeat removed
     producer.close()
+
+
+def test_entries_held_for_long_are_refreshed_without_counting_a_delivery(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A slow batch must not look like a dead worker: its entries' idle time is reset (XCLAIM JUSTID)."""
+    settings = Settings(redis_url=redis_url, home=tmp_path, visibility_timeout_s=3)
+    client = redis.Redis.from_url(redis_url)
+    store = DecisionStore(client)
+    consumer = StreamConsumer(settings, client, store, None, Metrics(), "slow")  # type: ignore[arg-type]
+    ensure_groups(client, store.keys)
+    client.xadd(store.keys.events, {"event": "{}"})
+    [(stream, entry_id, _, deliveries)] = consumer._read(10)
+    assert deliveries == 1
+    consumer._held[(stream, entry_id)] = time.monotonic() - 2  # read two seconds ago, still in its batch
+    time.sleep(1.2)
+    consumer._refresh(time.monotonic())
+    [row] = client.xpending_range(stream, store.keys.group, "-", "+", 10)
+    assert row["time_since_delivered"] < 1000 and row["times_delivered"] == 1
