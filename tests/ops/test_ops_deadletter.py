@@ -6,6 +6,7 @@ import base64
 import collections
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 from tests.queue.test_queue_worker import _wait_until
 from tests.worker_proc import running_worker
 from worker.cli.main import app
-from worker.delivery.deadletter import PAGE, DeadLetterQueue
+from worker.delivery.deadletter import PAGE, DeadLetter, DeadLetterQueue
 from worker.delivery.store import DecisionStore
 from worker.ingress.consumer import ensure_groups
 from worker.ingress.producer import Producer
@@ -94,7 +95,7 @@ def test_ops_replay_routes_urgent_keeps_event_ids_and_removes_entries(
     store.dead_letter("malformed_event", "bad", "{oops")
     producer = Producer(Settings(redis_url=redis_url, home=tmp_path))
     dlq = DeadLetterQueue(store)
-    seen = []
+    seen: list[DeadLetter] = []
     report = dlq.replay(dlq.select(everything=True), producer.send_raw, progress=seen.append)
     assert [d.event_id for d in report.replayed] == [e.event_id for e in [*normal, urgent]] + [
         "1700000000000-0"
@@ -147,7 +148,7 @@ def test_ops_past_max_deliveries_an_entry_is_dead_lettered_and_a_replay_decides_
     redis_url: str, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     settings = Settings(redis_url=redis_url, home=tmp_path / "home", max_deliveries=3)
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client: Any = redis.Redis.from_url(redis_url, decode_responses=True)
     store = DecisionStore(client)
     good = _good_images(tmp_path, 4)
     poison = [Event(item_id=f"poison-{i}", image_uri=u) for i, u in enumerate(good)]
@@ -199,8 +200,8 @@ def test_ops_past_max_deliveries_an_entry_is_dead_lettered_and_a_replay_decides_
         producer.close()
         assert w.stop() == 0
 
-    stream = [Decision.from_json(f["decision"]) for _, f in client.xrange(store.keys.decisions)]
-    per_event = collections.Counter(d.event_id for d in stream)
+    written = [Decision.from_json(f["decision"]) for _, f in client.xrange(store.keys.decisions)]
+    per_event = collections.Counter(d.event_id for d in written)
     assert per_event == {e: 1 for e in ids}, "an event was decided more than once, or not at all"
     purged = runner.invoke(app, ["dlq", "purge", "--reason", "malformed_event", "--yes"], env=env)
     assert purged.exit_code == 0, purged.output

@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -69,13 +70,13 @@ def hostile_entries(image: Path) -> list[tuple[dict[str, bytes], str]]:
 def test_hostile_entries_are_dead_lettered_whole_and_good_events_behind_them_are_decided(
     redis_url: str, producer: Producer, tiny_checkpoint: Path, good_image: Path, tmp_path: Path
 ) -> None:
-    raw_client = redis.Redis.from_url(redis_url)
+    raw_client: Any = redis.Redis.from_url(redis_url)
     hostile = hostile_entries(good_image)
     env = {"MODERATION_MAX_EVENT_BYTES": "100000"}
     with running_worker(redis_url, tmp_path, tiny_checkpoint, env=env) as w:
         goods: list[Event] = []
         for i, (fields, _) in enumerate(hostile):
-            raw_client.xadd(KEYS.events, fields)  # type: ignore[arg-type]
+            raw_client.xadd(KEYS.events, fields)
             good = Event(item_id=f"behind-{i}", image_uri=str(good_image))
             producer.send(good)
             goods.append(good)

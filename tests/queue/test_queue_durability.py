@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -119,7 +120,7 @@ def test_redis_killed_and_restarted_with_aof_under_load_loses_nothing_it_acknowl
     missing = [e.event_id for e in acknowledged if e.event_id not in got]
     assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged events lost"
     assert all(d.verdict != Verdict.ERROR for d in got.values())
-    client = redis.Redis.from_url(aof_redis.url, decode_responses=True)
+    client: Any = redis.Redis.from_url(aof_redis.url, decode_responses=True)
     counts = Counter(f["event_id"] for _, f in client.xrange(KEYS.decisions))
     assert max(counts.values()) == 1, "an event was decided twice"
     assert {e.event_id for e in acknowledged} <= set(counts)

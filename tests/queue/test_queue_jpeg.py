@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -50,7 +51,7 @@ def test_worker_with_device_jpeg_decode_matches_pillow_and_decides_each_event_on
         got = producer.wait([e.event_id for e in events], timeout=180)
         log = w.log()
     assert len(got) == len(events)
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client: Any = redis.Redis.from_url(redis_url, decode_responses=True)
     counts = Counter(f["event_id"] for _, f in client.xrange(Keys("moderation").decisions))
     assert set(counts) == {e.event_id for e in events} and max(counts.values()) == 1
 

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -65,7 +66,7 @@ KEYS = Keys("moderation")
 
 
 def stream_event_ids(redis_url: str, ns: str = "moderation") -> list[str]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client: Any = redis.Redis.from_url(redis_url, decode_responses=True)
     return [f["event_id"] for _, f in client.xrange(Keys(ns).decisions)]
 
 
@@ -162,7 +163,7 @@ def test_repeated_kill_9_mid_batch_loses_nothing_and_decides_each_event_once(
         try:
             w.wait_ready()
             target = 20 * (kill + 1)
-            _wait_until(lambda t=target: len(stream_event_ids(redis_url)) >= t, 120)  # type: ignore[misc]
+            _wait_until(lambda t=target: len(stream_event_ids(redis_url)) >= t, 120)
             assert held(redis_url) > 0, "nothing was held at the kill"
             w.kill()  # SIGKILL: no drain, no acks; what it held stays in the pending entries list
         finally:
