@@ -4,8 +4,12 @@ Three numbers on the same images, model and batch size:
 
 1. model only: ``Scorer.logits`` on ready-made crops (the ceiling);
 2. in-process loop: fetch + decode + crop (thread pool) then one model call per batch, no queue;
-3. end to end: events submitted to Redis, decided by a ``moderation worker`` subprocess, read back
-   (saturation throughput with everything enqueued at once, then latency at a fixed offered load).
+3. end to end: events added to the Redis streams, read in batches and decided by a ``moderation worker``
+   subprocess, read back (saturation throughput with everything enqueued at once, then latency at a fixed
+   offered load).
+
+Plus the CPU each costs per event: the in-process loop's (this process) against the worker's (the worker
+process and its children), the figure that says how many cores a GPU host spends on bookkeeping.
 
     python scripts/bench_queue.py --arch convnext_tiny --events 400 --megapixels 1.0
 
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -72,13 +77,23 @@ def model_only(scorer: Scorer, batch: int, seconds: float = 10.0) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def in_process(scorer: Scorer, settings: Settings, events: list[Event], batch: int) -> float:
+def _cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return usage.ru_utime + usage.ru_stime
+
+
+def in_process(scorer: Scorer, settings: Settings, events: list[Event], batch: int) -> tuple[float, float]:
+    """(events/s, CPU ms per event) of parse + fetch + decode + crop + model + decision JSON, no queue."""
     fetcher = Fetcher(settings)
+    raws = [e.model_dump_json() for e in events]
     score_events(events[:batch], scorer, fetcher)  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, len(events), batch):
-        score_events(events[i : i + batch], scorer, fetcher)
-    return len(events) / (time.perf_counter() - t0)
+    cpu0, t0 = _cpu_self(), time.perf_counter()
+    for i in range(0, len(raws), batch):
+        chunk = [Event.from_json(r) for r in raws[i : i + batch]]
+        for d in score_events(chunk, scorer, fetcher):
+            d.to_json()
+    wall, cpu = time.perf_counter() - t0, _cpu_self() - cpu0
+    return len(events) / wall, 1e3 * cpu / len(events)
 
 
 TICK_S = 0.002
@@ -224,7 +239,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="max_batch, same for all three measurements")
     ap.add_argument("--max-wait-ms", type=float, default=20.0)
     ap.add_argument("--decode-threads", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=128, help="worker concurrency (= prefetch), per process")
+    ap.add_argument("--threads", type=int, default=128, help="entries a worker holds (prefetch), per process")
     ap.add_argument(
         "--processes", type=int, default=1, help="worker processes (moderation worker --processes)"
     )
@@ -240,8 +255,20 @@ def main() -> None:
     )
     ap.add_argument("--e2e-only", action="store_true", help="skip the in-process baselines")
     ap.add_argument("--crop-size", type=int, default=224)
+    ap.add_argument("--no-fixed-load", action="store_true", help="saturation only (shorter runs)")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        help="intra-op threads here and in the worker (OMP_NUM_THREADS); on a shared, oversubscribed host "
+        "OpenMP's spin-waiting otherwise dominates both CPU figures",
+    )
     ap.add_argument("--out", type=Path, help="write raw figures as JSON here")
     args = ap.parse_args()
+    if args.torch_threads:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # inherited by the worker
+        torch.set_num_threads(args.torch_threads)
 
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
@@ -271,28 +298,45 @@ def main() -> None:
             "processes": args.processes,
             "megapixels": args.megapixels,
             "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "torch_threads": args.torch_threads,
+            "load_average": os.getloadavg()[0],
         }
         if args.e2e_only:
             res["model_only_images_per_s"] = res["in_process_images_per_s"] = float("nan")
+            res["in_process_cpu_ms_per_event"] = float("nan")
         else:
             print("model only ...", flush=True)
             res["model_only_images_per_s"] = model_only(scorer, args.batch)
             print("in-process decode+crop+model ...", flush=True)
-            res["in_process_images_per_s"] = in_process(scorer, settings, mk("ip"), args.batch)
+            rate_ip, cpu_ip = in_process(scorer, settings, mk("ip"), args.batch)
+            res["in_process_images_per_s"], res["in_process_cpu_ms_per_event"] = rate_ip, cpu_ip
         del scorer
         print("end to end, saturation ...", flush=True)
         sat = end_to_end(settings, ckpt, mk("sat"), None, tmp, args.threads, args.processes)
         res["e2e_saturation"] = sat  # latency here is queueing time of a full backlog, not service latency
         rate = args.load * sat["decisions_per_s"]
-        print(f"end to end, fixed load {rate:.1f}/s ...", flush=True)
-        res["e2e_fixed_load"] = {
-            "offered_per_s": rate,
-            **end_to_end(settings, ckpt, mk("fix"), rate, tmp, args.threads, args.processes, args.senders),
-        }
+        if not args.no_fixed_load:
+            print(f"end to end, fixed load {rate:.1f}/s ...", flush=True)
+            res["e2e_fixed_load"] = {
+                "offered_per_s": rate,
+                **end_to_end(
+                    settings, ckpt, mk("fix"), rate, tmp, args.threads, args.processes, args.senders
+                ),
+            }
         res["e2e_vs_in_process"] = sat["decisions_per_s"] / float(res["in_process_images_per_s"])  # type: ignore[arg-type]
+        res["worker_cpu_vs_in_process"] = sat["worker_cpu_ms_per_event"] / float(
+            res["in_process_cpu_ms_per_event"]  # type: ignore[arg-type]
+        )
     print(json.dumps(res, indent=2))
-    fixed = res["e2e_fixed_load"]
-    assert isinstance(fixed, dict)
+    print(
+        f"\nworker CPU {sat['worker_cpu_ms_per_event']:.2f} ms/event vs in-process "
+        f"{res['in_process_cpu_ms_per_event']:.2f} ms/event ({res['worker_cpu_vs_in_process']:.2f}x); "
+        f"saturation {sat['decisions_per_s']:.0f}/s vs in-process {res['in_process_images_per_s']:.0f}/s "
+        f"({res['e2e_vs_in_process']:.2f})"
+    )
+    fixed = res.get("e2e_fixed_load")
+    if not isinstance(fixed, dict):
+        fixed = {"offered_per_s": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan")}
     print(
         f"\n| {res['arch']} | {res['device']} | {args.megapixels} MP | {args.batch} | "
         f"{res['model_only_images_per_s']:.1f} | {res['in_process_images_per_s']:.1f} | "

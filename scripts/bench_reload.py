@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from worker.ingress.producer import Producer  # noqa: E402
+from worker.keys import Keys  # noqa: E402
 from worker.lifecycle.registry import open_registry  # noqa: E402
 from worker.lifecycle.reload import notify  # noqa: E402
 from worker.process.localredis import private_redis  # noqa: E402
@@ -103,7 +104,7 @@ def main() -> None:
             client = redis.Redis.from_url(redis_url, decode_responses=True)
             try:
                 deadline = time.monotonic() + 120
-                while client.hget("moderation:worker:bench", "ready") != "1":
+                while client.hget(Keys("moderation").worker("bench"), "ready") != "1":
                     if proc.poll() is not None or time.monotonic() > deadline:
                         raise SystemExit(f"worker did not start:\n{log_path.read_text()[-3000:]}")
                     time.sleep(0.2)

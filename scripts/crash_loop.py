@@ -1,11 +1,11 @@
-"""Repeat the kill -9 crash test and count lost events and reaper re-sends per run.
+"""Repeat the kill -9 crash test and count lost and duplicated events per run.
 
     python scripts/crash_loop.py --runs 8
 
 Each run: a private Redis, a real worker (test_convnext, 4 s visibility timeout), 300 events of 0.8 MP, the
 worker killed with SIGKILL after 20 decisions, a second worker started; then every event must have exactly one
-decision. Prints per run: missing events, dead letters, and how many events the outbox reaper re-sent
-(``event_resent`` lines in the second worker's log).
+decision. Prints per run: missing events, dead letters, entries the second worker reclaimed (``XAUTOCLAIM``)
+and decisions on the stream.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.core import images
 from tests.worker_proc import start_worker
 from worker.ingress.producer import Producer
+from worker.keys import Keys
 from worker.process.localredis import private_redis
 from worker.records import Event
 from worker.scoring.checkpoint import init_checkpoint
@@ -39,9 +40,10 @@ def main() -> None:
     (tmp / "big.jpg").write_bytes(images.jpeg(1024, 768))
     env = {
         "MODERATION_VISIBILITY_TIMEOUT_S": "4",
-        "MODERATION_RESTORE_INTERVAL_S": "1",
+        "MODERATION_RECLAIM_INTERVAL_S": "1",
         "MODERATION_LOCAL_ROOTS": str(tmp),
     }
+    keys = Keys("moderation")
     lost_runs = 0
     for run in range(args.runs):
         with private_redis(tmp / f"redis{run}") as url:
@@ -51,7 +53,7 @@ def main() -> None:
             first = start_worker(url, tmp, tmp / "ck", env=env)
             first.wait_ready()
             producer.submit_many(events)
-            while r.xlen("moderation:decisions") < 20:
+            while r.xlen(keys.decisions) < 20:
                 time.sleep(0.05)
             first.kill()
             second = start_worker(url, tmp, tmp / "ck", env=env)
@@ -60,9 +62,9 @@ def main() -> None:
             missing = len(events) - len(got)
             lost_runs += missing > 0
             print(
-                f"run {run}: missing {missing}, dead letters {r.xlen('moderation:deadletter')}, "
-                f"re-sent {second.log().count('event_resent')}, "
-                f"decisions on stream {r.xlen('moderation:decisions')}",
+                f"run {run}: missing {missing}, dead letters {r.xlen(keys.deadletter)}, "
+                f"reclaim rounds {second.log().count('entries_reclaimed')}, "
+                f"decisions on stream {r.xlen(keys.decisions)}",
                 flush=True,
             )
             second.stop()

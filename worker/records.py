@@ -2,21 +2,35 @@
 
 Events arrive as JSON from a producer we do not own, so they are validated here once; from there on the code
 passes these models, never dicts of maybe-fields. Decisions are what the upload pipeline, the review page and
-the training pipeline read back.
+the training pipeline read back. Their JSON Schemas (``moderation schema event|decision``, checked in under
+worker/ingress/schemas/) are generated from these models.
+
+Compatibility rule: ``schema_version`` is the MAJOR version of a contract. Within a major version fields are
+only added, and optional: a consumer tolerates (and keeps, in ``model_extra``) fields it does not know, so a
+producer may send a new field before the workers are upgraded. A newer major version than this code knows is
+refused (:class:`UnsupportedVersion`; the worker dead-letters the entry with that reason, to replay after the
+upgrade).
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic_core import PydanticCustomError
 
 from worker.errors import ErrorReason, SchemaError
 
-EVENT_SCHEMA_VERSION: Literal[1] = 1
+EVENT_SCHEMA_VERSION = 1  # the major version of the event contract this code reads and writes
+DECISION_SCHEMA_VERSION = 1
+
+
+class UnsupportedVersion(SchemaError):
+    """An event of a newer major schema version than this worker understands."""
 
 
 def utcnow() -> datetime:
@@ -36,13 +50,20 @@ class Priority(StrEnum):
 
 
 class Event(BaseModel):
-    """One uploaded image to decide (schema version 1)."""
+    """One uploaded image to decide (schema version 1).
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Read from a stream entry, a missing ``event_id`` defaults to the entry's id (what ``XADD`` returned, so
+    a producer in any language can look its decision up) and a missing ``submitted_at`` to the entry's time.
+    """
 
-    schema_version: Literal[1] = EVENT_SCHEMA_VERSION
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    schema_version: int = Field(
+        EVENT_SCHEMA_VERSION, ge=1, description="Major version of this contract; newer ones are refused."
+    )
     event_id: Annotated[str, Field(min_length=1, max_length=200)] = Field(
-        default_factory=lambda: uuid.uuid4().hex
+        default_factory=lambda: uuid.uuid4().hex,
+        description="Idempotency key: the same event_id twice gives one decision.",
     )
     item_id: Annotated[str, Field(min_length=1, max_length=500)]
     image_uri: Annotated[str, Field(min_length=1, max_length=4096)]
@@ -51,12 +72,41 @@ class Event(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     submitted_at: datetime = Field(default_factory=utcnow)
 
+    @model_validator(mode="before")
     @classmethod
-    def from_json(cls, raw: str | bytes) -> Event:
-        """Validate a message at the boundary; raises :class:`SchemaError` with what is wrong."""
+    def _defaults_from_entry(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict):
+            return data
+        version = data.get("schema_version")
+        if isinstance(version, int) and not isinstance(version, bool) and version > EVENT_SCHEMA_VERSION:
+            raise PydanticCustomError(
+                "unsupported_version",
+                "schema_version {version} is newer than this worker reads ({known}); upgrade the workers",
+                {"version": version, "known": EVENT_SCHEMA_VERSION},
+            )
+        ctx = info.context
+        if ctx and ("event_id" not in data or "submitted_at" not in data):
+            data = dict(data)
+            data.setdefault("event_id", ctx["event_id"])
+            data.setdefault("submitted_at", ctx["submitted_at"])
+        return data
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """Fields of a newer minor revision this code does not know; kept, never dropped."""
+        return dict(self.model_extra or {})
+
+    @classmethod
+    def from_json(cls, raw: str | bytes, context: dict[str, Any] | None = None) -> Event:
+        """Validate a message at the boundary; raises :class:`SchemaError` with what is wrong.
+
+        ``context`` (``event_id``, ``submitted_at``) supplies defaults for an entry read from a stream.
+        """
         try:
-            return cls.model_validate_json(raw)
+            return cls.model_validate_json(raw, context=context)
         except ValidationError as exc:
+            if any(e["type"] == "unsupported_version" for e in exc.errors()):
+                raise UnsupportedVersion(_short_errors(exc)) from exc
             raise SchemaError(_short_errors(exc)) from exc
 
     @classmethod
@@ -64,7 +114,22 @@ class Event(BaseModel):
         try:
             return cls.model_validate(obj)
         except ValidationError as exc:
+            if any(e["type"] == "unsupported_version" for e in exc.errors()):
+                raise UnsupportedVersion(_short_errors(exc)) from exc
             raise SchemaError(_short_errors(exc)) from exc
+
+
+_EVENT_ID = re.compile(r'"event_id"\s*:\s*"([^"\\]{1,200})"')
+
+
+def loose_event_id(raw: str | bytes) -> str:
+    """The event id a malformed message names, if any, so the producer side can be found.
+
+    A pattern, not a parser: the body may be truncated, hostile or nested past any recursion limit.
+    """
+    text = raw[:65536].decode("utf-8", "replace") if isinstance(raw, bytes) else raw[:65536]
+    found = _EVENT_ID.search(text)
+    return found.group(1) if found else ""
 
 
 def _short_errors(exc: ValidationError) -> str:
@@ -159,6 +224,7 @@ class Decision(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    schema_version: int = Field(DECISION_SCHEMA_VERSION, description="Major version of this contract.")
     item_id: str
     event_id: str
     image_uri: str

@@ -85,9 +85,14 @@ class Settings(BaseSettings):
 
     # --- delivery -----------------------------------------------------------------------------------
     visibility_timeout_s: int = Field(
-        300, description="Unacked messages of a dead worker are redelivered after this long."
+        300,
+        ge=1,
+        description="A stream entry a worker read and did not ack is reclaimed (XAUTOCLAIM) by another "
+        "worker once idle this long; held entries are refreshed, so only a dead worker's come back.",
     )
-    prefetch: int = Field(256, description="Messages a worker holds unacked; bounds loss-free batching.")
+    prefetch: int = Field(
+        256, ge=1, description="Stream entries a worker holds (read, not yet acked) at most."
+    )
     max_deliveries: int = Field(3, description="Deliveries before an event is dead-lettered.")
     webhook_secret: str | None = Field(
         None,
@@ -103,24 +108,18 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
 
-    # --- queue worker --------------------------------------------------------------------------------
-    restore_interval_s: int = Field(
-        10, description="How often a live worker sweeps for messages whose visibility timeout expired."
-    )
+    # --- queue worker ---------------------------------------------------------------------------------
     heartbeat_s: float = Field(5.0, description="Worker heartbeat (and queue-depth sample) period.")
     webhook_timeout_s: float = Field(5.0, description="Read timeout of one webhook delivery.")
-    reap_grace_s: float | None = Field(
-        None,
-        description="An undecided event missing from queues and workers this long is re-sent "
-        "(worker/reaper.py). Unset: the visibility timeout.",
+    redis_retries: int = Field(
+        5, description="Attempts to write a batch's decisions while Redis is unreachable."
     )
-    redis_retries: int = Field(5, description="Re-publishes of an event whose decision could not be written.")
     worker_processes: int = Field(
         1,
         ge=1,
         description="Worker processes per `moderation worker` unit; above 1 a supervisor runs them "
-        "(worker/supervisor.py). One process tops out near 1,000-1,500 events/s on Python/GIL cost (Celery "
-        "dispatch, Redis round trips) while one GPU scores about 7,500 crops/s, so a GPU host runs several.",
+        "(worker/process/supervisor.py). One process's decode and bookkeeping run under one GIL while one "
+        "GPU scores about 7,500 crops/s, so a GPU host runs several.",
     )
 
     # --- model registry and hot reload ---------------------------------------------------------------
@@ -302,6 +301,37 @@ class Settings(BaseSettings):
     duplicate_max_entries: int = Field(200_000, ge=1, description="Hashes kept in the duplicate index.")
     duplicate_ttl_s: int = Field(
         7 * 86400, ge=1, description="How long a decided hash stays matchable (the decisions' retention)."
+    )
+
+    # --- stream ingress ------------------------------------------------------------------------------
+    read_count: int | None = Field(
+        None, ge=1, description="Entries per XREADGROUP at most; unset: max_batch (one read per model call)."
+    )
+    read_block_ms: int = Field(
+        200, ge=1, description="How long an idle worker blocks in XREADGROUP (also its drain latency)."
+    )
+    reclaim_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often a worker looks for other workers' entries past the visibility timeout.",
+    )
+    max_backlog: int = Field(
+        1_000_000,
+        ge=1,
+        description="Entries (unread + held) a stream may hold; past it Producer.submit raises BacklogFull. "
+        "Entries no worker has read are never trimmed.",
+    )
+    max_event_bytes: int = Field(
+        1_048_576, ge=1, description="Larger stream entries are dead-lettered whole (event_too_large)."
+    )
+    record_ttl_s: int | None = Field(
+        7 * 86400,
+        ge=1,
+        description="Lifetime of decision, item and audit records in Redis (the archive keeps them); unset: "
+        "never expire. Must exceed how long an item may wait for a moderator.",
+    )
+    decisions_maxlen: int = Field(
+        1_000_000, ge=1, description="Approximate length the decisions stream is trimmed to (MAXLEN ~)."
     )
 
     def resolved_device(self) -> str:

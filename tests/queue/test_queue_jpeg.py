@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -15,6 +16,7 @@ from tests.core import images
 from tests.worker_proc import running_worker
 from worker.errors import ErrorReason
 from worker.ingress.producer import Producer
+from worker.keys import Keys
 from worker.media.fetch import Fetcher
 from worker.records import Event, Verdict
 from worker.scoring.scorer import Scorer, score_events
@@ -49,8 +51,8 @@ def test_worker_with_device_jpeg_decode_matches_pillow_and_decides_each_event_on
         got = producer.wait([e.event_id for e in events], timeout=180)
         log = w.log()
     assert len(got) == len(events)
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    counts = Counter(f["event_id"] for _, f in client.xrange("moderation:decisions"))
+    client: Any = redis.Redis.from_url(redis_url, decode_responses=True)
+    counts = Counter(f["event_id"] for _, f in client.xrange(Keys("moderation").decisions))
     assert set(counts) == {e.event_id for e in events} and max(counts.values()) == 1
 
     for e in events:

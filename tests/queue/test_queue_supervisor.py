@@ -15,11 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from tests.conftest import run_cli
 from tests.core import images
-from tests.queue.test_queue_worker import _wait_until, assert_exactly_once, stream_event_ids, wait_for
+from tests.queue.test_queue_worker import (
+    _wait_until,
+    assert_exactly_once,
+    held,
+    stream_event_ids,
+    unread,
+    wait_for,
+)
 from tests.worker_proc import running_worker, start_worker
 from worker.ingress.producer import Producer
 from worker.process.supervisor import ChildSpec, describe, exit_status, plan_children, spread_devices
@@ -110,18 +116,17 @@ def test_help_explains_processes_and_metrics_ports() -> None:
 
 # --- real processes -------------------------------------------------------------------------------------
 @pytest.mark.integration
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(400)
 def test_two_processes_share_the_queue_and_sigterm_drains_both(
     redis_url: str, producer: Producer, tiny_checkpoint: Path, image_dir: Path, tmp_path: Path
 ) -> None:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
     # Each child holds at most 16 events and scores 4 per model call: both must take part, and 32 slow
     # events are all held by the children (none left queued) while several calls are still to run.
     env = {"MODERATION_PREFETCH": "16", "MODERATION_MAX_BATCH": "4"}
     sup = start_worker(redis_url, tmp_path, tiny_checkpoint, env=env, args=["--processes", "2"])
     kids = sup.children(2)
     try:
-        sup.wait_ready(hostnames=kids)
+        sup.wait_ready(timeout=180, hostnames=kids)
         pids = {h: int(sup.heartbeat(h)["pid"]) for h in kids}
         assert len(set(pids.values())) == 2 and sup.pid not in pids.values()
         small = small_events(image_dir, 200)
@@ -133,7 +138,7 @@ def test_two_processes_share_the_queue_and_sigterm_drains_both(
 
         big = big_events(image_dir, 32, "t", name="huge.jpg")
         producer.submit_many(big)
-        _wait_until(lambda: client.llen("moderation.events") == 0, 60)  # all taken: the children hold them
+        _wait_until(lambda: unread(redis_url) == 0, 60)  # all read: the children hold them
         in_flight = len(small) + len(big) - len(stream_event_ids(redis_url))
         assert sup.stop(signal.SIGTERM) == 0, sup.log()[-4000:]
     finally:
@@ -149,25 +154,24 @@ def test_two_processes_share_the_queue_and_sigterm_drains_both(
     # Both children drained: everything they held was decided (once) and acked, nothing waits for redelivery.
     assert in_flight > 0, "everything was decided before the signal"
     assert_exactly_once(redis_url, small + big)
-    assert client.hlen("unacked") == 0
-    assert client.llen("moderation.events") == 0
+    assert held(redis_url) == 0 and unread(redis_url) == 0
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(400)
 def test_a_child_killed_stops_the_unit_non_zero_and_a_restart_decides_each_event_once(
     redis_url: str, producer: Producer, tiny_checkpoint: Path, image_dir: Path, tmp_path: Path
 ) -> None:
     fast = {
-        "MODERATION_VISIBILITY_TIMEOUT_S": "6",  # also the supervisor's bound on the survivor's drain
-        "MODERATION_RESTORE_INTERVAL_S": "1",
-        "MODERATION_PREFETCH": "16",
+        "MODERATION_VISIBILITY_TIMEOUT_S": "20",  # also the supervisor's bound on the survivor's drain
+        "MODERATION_RECLAIM_INTERVAL_S": "0.5",
+        "MODERATION_PREFETCH": "4",  # the survivor's drain must fit in the supervisor's bound above
     }
     sup = start_worker(redis_url, tmp_path, tiny_checkpoint, env={**fast, "MODERATION_WORKER_PROCESSES": "2"})
     victim, survivor = sup.children(2)
     big = big_events(image_dir, 120, "k")
     try:
-        sup.wait_ready(hostnames=[victim, survivor])
+        sup.wait_ready(timeout=180, hostnames=[victim, survivor])
         producer.submit_many(big)
         _wait_until(lambda: len(stream_event_ids(redis_url)) >= 20, 120)
         os.kill(int(sup.heartbeat(victim)["pid"]), signal.SIGKILL)

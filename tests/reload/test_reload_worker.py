@@ -22,6 +22,7 @@ from tests.core import images
 from tests.worker_proc import WorkerProc, running_worker
 from worker.cli.main import app
 from worker.ingress.producer import Producer
+from worker.keys import Keys
 from worker.lifecycle.registry import Registry
 from worker.lifecycle.reload import ModelKeys
 from worker.records import Decision, Event, Verdict
@@ -111,7 +112,9 @@ def finish(load: Load, producer: Producer, redis_url: str) -> list[Decision]:
     assert missing == 0, f"{missing} of {len(load.events)} events undecided"
     stream = Counter(
         f["event_id"]
-        for _, f in redis.Redis.from_url(redis_url, decode_responses=True).xrange("moderation:decisions")
+        for _, f in redis.Redis.from_url(redis_url, decode_responses=True).xrange(
+            Keys("moderation").decisions
+        )
     )
     assert set(stream) == {e.event_id for e in load.events} and max(stream.values()) == 1
     errors = [d for d in got.values() if d.verdict == Verdict.ERROR]

@@ -123,7 +123,7 @@ def worker_decisions(
     producer.close()
     assert len(got) == len(events), "the worker did not decide every event"
     store = DecisionStore.from_url(redis_server, settings.namespace)
-    keys = list(store.r.scan_iter(f"{settings.namespace}:*"))
+    keys = list(store.r.scan_iter(store.keys.pattern))
     store.r.delete(*keys)
     return [got[e.event_id] for e in events]
 
@@ -149,7 +149,7 @@ def decided(
     store = DecisionStore.from_url(redis_server, settings.namespace)
     assert all(store.write_many(worker_decisions))
     yield Decided(settings, store, list(worker_decisions))
-    keys = list(store.r.scan_iter(f"{settings.namespace}:*"))
+    keys = list(store.r.scan_iter(store.keys.pattern))
     if keys:
         store.r.delete(*keys)
 

@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from worker.api.tokens import Scope, TokenInfo, TokenStore
 from worker.delivery.store import DecisionStore
-from worker.ingress.producer import Producer
+from worker.ingress.producer import BacklogFull, Producer
+from worker.records import Event
 from worker.settings import Settings
 
 
@@ -68,15 +69,19 @@ class Api:
     metrics: ApiMetrics
 
     def backlog(self) -> int:
-        """Events submitted and not yet decided: the one place that asks the ingress how far behind it is.
-
-        The producer's own measure when it has one; otherwise the outbox of submitted, undecided events the
-        decision store keeps (``{ns}:pending``), which does not depend on the transport.
-        """
-        measure: Callable[[], int] | None = getattr(self.producer, "backlog", None)
-        n = int(measure()) if callable(measure) else int(self.store.r.zcard(self.store.keys.pending))
+        """Entries the event streams hold (not yet read, or read and not yet decided): how far behind the
+        workers are. Asked of the Producer, the one place that knows the ingress."""
+        n = sum(self.producer.backlog().values())
         self.metrics.backlog.set(n)
         return n
+
+    def submit(self, events: list[Event]) -> None:
+        """Queue events; a full stream (the Producer's own limit) answers like the API's backlog limit."""
+        try:
+            self.producer.submit_many(events)
+        except BacklogFull as exc:
+            self.metrics.refused.inc()
+            raise APIError(503, "backlog_full", str(exc), {"Retry-After": "5"}) from exc
 
     def check_backlog(self, adding: int) -> None:
         if self.backlog() + adding > self.settings.api_max_backlog:

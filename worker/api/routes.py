@@ -45,7 +45,7 @@ def submit_events(
     """Queue events for scoring; each is decided once. Read decisions back by event id, or get callbacks."""
     events = _checked(api, body if isinstance(body, list) else [body])
     if events:
-        api.producer.submit_many(events)
+        api.submit(events)
         api.metrics.events.inc(len(events))
     return Accepted(event_ids=[e.event_id for e in events])
 
@@ -80,7 +80,7 @@ async def score(
     """Submit one event and wait for its decision (200); if it takes longer than the wait, 202 with the
     event id to read it later. For low volumes: a pipeline at scale submits and takes callbacks."""
     await run_in_threadpool(_checked, api, [event])
-    await run_in_threadpool(api.producer.submit_many, [event])
+    await run_in_threadpool(api.submit, [event])
     api.metrics.events.inc()
     wait = min(timeout or api.settings.api_score_timeout_s, api.settings.api_score_timeout_s)
     deadline = time.monotonic() + wait

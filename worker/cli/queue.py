@@ -1,4 +1,4 @@
-"""Queue commands: ``worker``, ``submit``, ``decisions`` and ``demo``."""
+"""Queue commands: ``worker``, ``submit``, ``decisions``, ``schema`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -28,13 +28,11 @@ def worker(
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = None,
     concurrency: Annotated[
-        int | None, typer.Option(help="Events held at once (threads); default MODERATION_PREFETCH.")
+        int | None,
+        typer.Option(help="Stream entries held at once (read, not yet acked); default MODERATION_PREFETCH."),
     ] = None,
     max_batch: Annotated[int | None, typer.Option(help="Crops per model call at most.")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help="Longest a crop waits for its batch.")] = None,
-    queues: Annotated[str, typer.Option(help="Comma-separated: urgent,events (polled in this order).")] = (
-        "urgent,events"
-    ),
     hostname: Annotated[str | None, typer.Option(help="Worker name (default host-pid).")] = None,
     metrics_port: Annotated[
         int | None,
@@ -51,18 +49,19 @@ def worker(
         ),
     ] = None,
 ) -> None:
-    """Run a queue worker: decide events from Redis in cross-event batches until SIGTERM.
+    """Run a worker: read events from the Redis streams in batches and decide them until SIGTERM.
 
-    First SIGTERM/SIGINT: stop taking messages, finish and ack everything held, exit. Second: exit now (held
-    messages are redelivered after the visibility timeout). With --processes N (N > 1) the same holds for
-    every child (docs/queue.md, "Several processes per GPU").
+    First SIGTERM/SIGINT: stop reading, finish and ack everything held, exit. Second: exit now (held entries
+    are reclaimed by other workers after the visibility timeout). With --processes N (N > 1) the same holds
+    for every child (docs/queue.md, "Several processes per GPU").
     """
     from celery.signals import worker_ready
 
     from worker.errors import CheckpointError
+    from worker.keys import Queues
     from worker.ops.logs import configure_logging, install_celery_logging
     from worker.ops.tracking import init_sentry
-    from worker.process.app import Queues, make_app
+    from worker.process.app import make_app
     from worker.process.runtime import Runtime
 
     settings = build_settings(
@@ -72,6 +71,7 @@ def worker(
         max_wait_ms=max_wait_ms,
         metrics_port=metrics_port,
         worker_processes=processes,
+        prefetch=concurrency,
     )
     _need_redis(settings)
     if settings.worker_processes > 1:
@@ -80,7 +80,6 @@ def worker(
             "--concurrency": concurrency,
             "--max-batch": max_batch,
             "--max-wait-ms": max_wait_ms,
-            "--queues": queues,
         }
         common = [str(a) for k, v in child_options.items() if v is not None for a in (k, v)]
         raise typer.Exit(_supervise(settings, common, hostname, device))
@@ -96,21 +95,18 @@ def worker(
 
         start_http_server(settings.metrics_port, registry=runtime.metrics.registry)
     app = make_app(settings)
-    app.runtime = runtime
-    names = Queues(settings.namespace)
-    wanted = [getattr(names, q.strip()) for q in queues.split(",") if q.strip()]
 
     def on_ready(**_: Any) -> None:
         _second_signal_exits_now()
         runtime.mark_ready()
 
     worker_ready.connect(on_ready, weak=False)
-    threads = concurrency or settings.prefetch
     w = app.Worker(
         hostname=f"{runtime.hostname}@moderation",
         pool="threads",
-        concurrency=threads,
-        queues=wanted,
+        concurrency=1,  # Celery's own queue carries no per-event work: events come from the streams
+        queues=[Queues(settings.namespace).control],
+        moderation_runtime=runtime,
         loglevel=settings.log_level,
         without_gossip=True,
         without_mingle=True,
@@ -142,10 +138,11 @@ def _supervise(settings: Settings, common: list[str], hostname: str | None, devi
 
 
 def _second_signal_exits_now() -> None:
-    """First SIGTERM/SIGINT: Celery's warm shutdown (drain). Second: exit at once.
+    """First SIGTERM/SIGINT: Celery's warm shutdown (the stream consumer stops reading and drains). Second:
+    exit at once.
 
     Celery ignores a repeated SIGTERM (only SIGINT/SIGQUIT escalate); an operator who signals twice wants the
-    process gone. Events held then are unacked, so Redis hands them to another worker after the visibility
+    process gone. Entries held then are unacked, so another worker reclaims them after the visibility
     timeout: nothing is lost, only delayed.
     """
     import structlog
@@ -175,14 +172,14 @@ def submit(
     item_id: Annotated[
         list[str] | None, typer.Option("--item-id", help="Item id per URI (default: the URI).")
     ] = None,
-    urgent: Annotated[bool, typer.Option(help="Send to the urgent queue.")] = False,
+    urgent: Annotated[bool, typer.Option(help="Send to the urgent stream (read first).")] = False,
     callback_url: Annotated[str | None, typer.Option(help="POST each decision here (signed).")] = None,
     wait: Annotated[bool, typer.Option(help="Print each decision as it arrives.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 120.0,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
 ) -> None:
     """Enqueue one event per URI; prints the event ids (and, with --wait, the decisions)."""
-    from worker.ingress.producer import Producer
+    from worker.ingress.producer import BacklogFull, Producer
     from worker.records import Event, Priority
 
     settings = build_settings()
@@ -200,7 +197,10 @@ def submit(
         for i, uri in enumerate(uris)
     ]
     producer = Producer(settings)
-    producer.submit_many(events)
+    try:
+        producer.submit_many(events)
+    except BacklogFull as exc:
+        raise fail(str(exc), 1) from exc
     if not wait:
         for e in events:
             sys.stdout.write(f"{e.event_id}\t{e.item_id}\n")
@@ -238,6 +238,17 @@ def decisions(
     if missing:
         err.print(f"no decision for: {', '.join(missing)}")
         raise typer.Exit(1)
+
+
+def schema(
+    which: Annotated[str, typer.Argument(help="event or decision")],
+) -> None:
+    """Print the JSON Schema of the event (what producers XADD) or of the decision (what they read back)."""
+    from worker.ingress.contract import SCHEMAS, schema_json
+
+    if which not in SCHEMAS:
+        raise fail(f"unknown schema {which!r}: use one of {', '.join(SCHEMAS)}")
+    sys.stdout.write(schema_json(which))
 
 
 def demo(
@@ -315,7 +326,7 @@ def _run_demo(settings: Settings, checkpoint: str, tmp: Path, timeout: float) ->
                 raise fail(f"only {len(got)}/{len(events)} decisions arrived; see {log_path}", 1)
             print_decisions([got[e.event_id] for e in events], title=f"{len(events)} decisions")
             console.print(
-                f"decided {len(events)} events in {elapsed:.1f}s through Redis and a Celery worker; "
+                f"decided {len(events)} events in {elapsed:.1f}s through a Redis stream and a worker; "
                 "the missing file shows an error decision with its reason"
             )
         except BaseException:
@@ -352,4 +363,5 @@ def register(app: typer.Typer) -> None:
     app.command()(worker)
     app.command()(submit)
     app.command()(decisions)
+    app.command()(schema)
     app.command()(demo)

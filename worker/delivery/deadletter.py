@@ -1,14 +1,16 @@
 """The dead-letter stream, read and repaired: list entries, replay them after a fix, purge the hopeless.
 
-Workers append to ``{ns}:deadletter`` (see :mod:`worker.delivery.store`) when a message is malformed or keeps
-failing. Replaying an entry resets the event's delivery counter (else the worker would dead-letter it again at
-once), re-sends the original message body through the :class:`~worker.ingress.producer.Producer`, and only
-then deletes the entry, so a crash in between replays it twice at worst, which the idempotent decision write
-absorbs: each event is still decided once.
+Workers append to ``{ns}:deadletter`` (:meth:`worker.delivery.store.DecisionStore.dead_letter`, in the same
+script that acks the stream entry) when an entry is malformed, of a newer major schema version, too large, or
+was delivered more than ``max_deliveries`` times. The whole body is kept (``raw``; base64 with
+``raw_encoding=base64`` when it is not UTF-8), never truncated, so every entry can be replayed. Replaying
+re-adds the original body to its stream as a new entry (a fresh delivery count) and only then deletes the
+dead letter, so a crash in between replays it twice at worst, which the idempotent decision write absorbs.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from typing import Any
 
 from worker.delivery.store import DecisionStore
 from worker.errors import SchemaError
-from worker.records import Event, Priority
+from worker.records import Event, Priority, loose_event_id, utcnow
 
 PAGE = 500
 
@@ -38,13 +40,18 @@ class DeadLetter:
     @classmethod
     def from_entry(cls, entry_id: str, fields: dict[str, str]) -> DeadLetter:
         raw = fields.get("raw", "")
+        if fields.get("raw_encoding") == "base64":
+            raw = base64.b64decode(raw).decode("utf-8", "replace")
         event: Event | None
+        context = {"event_id": fields.get("event_id") or entry_id, "submitted_at": utcnow()}
         try:
-            event = Event.from_json(raw) if raw else None
+            event = Event.from_json(raw, context=context) if raw else None
         except SchemaError:
             event = None
-        event_id = fields.get("event_id") or (event.event_id if event else None) or _loose_id(raw)
-        known = {"reason", "detail", "raw", "at", "event_id"}
+        event_id = (
+            fields.get("event_id") or (event.event_id if event else None) or loose_event_id(raw) or None
+        )
+        known = {"reason", "detail", "raw", "raw_encoding", "at", "event_id"}
         return cls(
             id=entry_id,
             reason=fields.get("reason", ""),
@@ -66,17 +73,22 @@ class DeadLetter:
             "item_id": self.item_id,
             "at": self.at,
             "replayable": self.event is not None,
+            "bytes": len(self.raw),
         }
 
-
-def _loose_id(raw: str) -> str | None:
-    """A malformed message may still name its event; show it so the producer side can be found."""
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        return None
-    value = obj.get("event_id") if isinstance(obj, dict) else None
-    return value if isinstance(value, str) else None
+    def body(self) -> str:
+        """What to re-send: the original body, with the event id it was known by when the body named none
+        (an entry's id stood in for it), so a replay settles the same event."""
+        if self.event is None or not self.event_id:
+            return self.raw
+        try:
+            obj = json.loads(self.raw)
+        except ValueError:
+            return self.raw
+        if isinstance(obj, dict) and "event_id" not in obj:
+            obj["event_id"] = self.event_id
+            return json.dumps(obj)
+        return self.raw
 
 
 @dataclass
@@ -121,25 +133,25 @@ class DeadLetterQueue:
     def replay(
         self,
         letters: list[DeadLetter],
-        send_raw: Callable[[str, bool], None],
+        send_raw: Callable[[str, bool], object],
         *,
         force: bool = False,
         progress: Callable[[DeadLetter], None] | None = None,
     ) -> ReplayReport:
-        """Re-enqueue each entry's original message and remove it from the stream.
+        """Re-enqueue each entry's original message and remove it from the dead-letter stream.
 
         Entries whose message is not a valid event would only be dead-lettered again; they are skipped
-        unless ``force`` (after the consumer's schema was fixed).
+        unless ``force`` (after the workers were upgraded to read them).
         """
         report = ReplayReport()
         for letter in letters:
             if (letter.event is None and not force) or not letter.raw:
                 report.skipped.append(letter)
                 continue
-            if letter.event_id:
-                self.store.forget_deliveries([letter.event_id])
-            urgent = letter.event is not None and letter.event.priority == Priority.URGENT
-            send_raw(letter.raw, urgent)
+            urgent = (letter.event is not None and letter.event.priority == Priority.URGENT) or (
+                letter.extra.get("stream", "").endswith(":urgent")
+            )
+            send_raw(letter.body(), urgent)
             self.r.xdel(self.key, letter.id)
             report.replayed.append(letter)
             if progress is not None:

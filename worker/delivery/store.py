@@ -1,107 +1,78 @@
-"""Where decisions go: the one place that knows the Redis key layout the pipeline, page and trainer share.
+"""Where decisions go: the decision records, the decisions stream and the review queue (keys: worker/keys.py).
 
-Keys (``ns`` = settings.namespace)::
+The worker's write of a batch is one Lua script: per decision, ``SET NX`` of the record (a redelivered event
+cannot decide twice), the item pointer, one entry on the decisions stream, the review-queue entry, and the
+``XACK`` + ``XDEL`` of the event's stream entry. Atomic, so no crash can leave a decision without its stream
+entry or an acked event without its decision; one round trip per batch. Records carry a TTL
+(``record_ttl_s``): the archiver's Parquet files, not Redis, are the durable record.
 
-    {ns}:decision:{event_id}   JSON Decision; written with SET NX, so a redelivered event cannot decide twice
-    {ns}:item:{item_id}        event_id of the item's latest decision (an override rewrites the decision)
-    {ns}:audit:{event_id}      list: one event's override audit entries (copies from {ns}:overrides)
-    {ns}:decisions             stream: one entry per decision or override, for the upload pipeline
-    {ns}:review                sorted set of event_ids awaiting a moderator, by ai_score (highest first)
-    {ns}:claims                hash: event_id -> "moderator<TAB>lease end (Redis ms)" of claimed queue items
-    {ns}:second                hash: event_id -> first moderator, for blocked items awaiting a second review
-    {ns}:overrides             stream: append-only audit log of moderator actions
-    {ns}:deadletter            stream: events that could not be decided, with the reason
-    {ns}:deliveries:{event_id} deliveries of an undecided event (bounded redelivery); deleted once decided
-    {ns}:worker:{hostname}     hash: a live worker's heartbeat (model version, pid, ready), with a TTL
-    {ns}:pending               sorted set: event ids submitted through the Producer and not yet decided, by
-                               submit (or last re-send) time; with {ns}:payload (hash event_id -> event JSON)
-                               it is the outbox the reaper re-sends from (worker/reaper.py)
-
-The first write of a decision and its stream entry and review-queue entry happen in one MULTI/EXEC after the
-NX check, so a crash between them cannot leave a decision without its stream entry.
+Moderators' side: claims with leases on queued items and versioned overrides, each one Lua script (an
+override is refused when the decision changed since the version the moderator saw, and schedules the
+event's callback with the final verdict in the same script).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
+from worker.keys import Keys
 from worker.records import Decision, Verdict, utcnow
 
 STREAM_MAXLEN = 1_000_000
 
+Ack = tuple[str, str]
+"""(stream key, entry id) of the stream entry a decision settles."""
 
-@dataclass(frozen=True)
-class Keys:
-    ns: str
-
-    def decision(self, event_id: str) -> str:
-        return f"{self.ns}:decision:{event_id}"
-
-    def item(self, item_id: str) -> str:
-        return f"{self.ns}:item:{item_id}"
-
-    def audit(self, event_id: str) -> str:
-        return f"{self.ns}:audit:{event_id}"
-
-    @property
-    def decisions(self) -> str:
-        return f"{self.ns}:decisions"
-
-    @property
-    def review(self) -> str:
-        return f"{self.ns}:review"
-
-    @property
-    def overrides(self) -> str:
-        return f"{self.ns}:overrides"
-
-    @property
-    def claims(self) -> str:
-        return f"{self.ns}:claims"
-
-    @property
-    def second(self) -> str:
-        return f"{self.ns}:second"
-
-    @property
-    def deadletter(self) -> str:
-        return f"{self.ns}:deadletter"
-
-    @property
-    def pending(self) -> str:
-        return f"{self.ns}:pending"
-
-    @property
-    def payload(self) -> str:
-        return f"{self.ns}:payload"
-
-    def deliveries(self, event_id: str) -> str:
-        return f"{self.ns}:deliveries:{event_id}"
-
-    def worker(self, hostname: str) -> str:
-        return f"{self.ns}:worker:{hostname}"
-
-
-# Lua keeps the NX check and the three writes atomic and in one round trip.
-_WRITE_ONCE = """
-redis.call('ZREM', KEYS[5], ARGV[2])
-redis.call('HDEL', KEYS[6], ARGV[2])
-if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
-  redis.call('SET', KEYS[2], ARGV[2])
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'event_id', ARGV[2], 'decision', ARGV[1])
-  if ARGV[3] == '1' then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[2]) end
-  return 1
+# KEYS: decisions stream, review zset, then per decision: record, item pointer, source stream.
+# ARGV: ttl (0: none), decisions stream MAXLEN, group, then per decision: json, event_id, review?, score,
+# entry id ('' when nothing is to be acked). Returns 1 per decision written, 0 per duplicate.
+_WRITE_BATCH = """
+local ttl = tonumber(ARGV[1])
+local out = {}
+local n = (#KEYS - 2) / 3
+for i = 0, n - 1 do
+  local rec, item, src = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
+  local a = 4 + 5 * i
+  local body, eid, entry = ARGV[a], ARGV[a + 1], ARGV[a + 4]
+  local ok
+  if ttl > 0 then
+    ok = redis.call('SET', rec, body, 'NX', 'EX', ttl)
+  else
+    ok = redis.call('SET', rec, body, 'NX')
+  end
+  if ok then
+    if ttl > 0 then redis.call('SET', item, eid, 'EX', ttl) else redis.call('SET', item, eid) end
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event_id', eid, 'decision', body)
+    if ARGV[a + 2] == '1' then redis.call('ZADD', KEYS[2], ARGV[a + 3], eid) end
+    out[i + 1] = 1
+  else
+    out[i + 1] = 0
+  end
+  if entry ~= '' then
+    redis.call('XACK', src, ARGV[3], entry)
+    redis.call('XDEL', src, entry)
+  end
 end
-return 0
+return out
 """
 
+# KEYS: dead-letter stream, source stream. ARGV: group, entry id ('' none), then field/value pairs.
+_DEAD_LETTER = """
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+if ARGV[2] ~= '' then
+  redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[2], ARGV[2])
+end
+return id
+"""
 
 # A claim value is "moderator<TAB>expiry in Redis milliseconds"; a lease past its expiry holds nothing.
 _HOLDER = """
@@ -162,7 +133,7 @@ local h, expiry = holder(redis.call('HGET', KEYS[6], eid), now_ms())
 if h and h ~= who then return {'claimed', h, expiry} end
 local first = redis.call('HGET', KEYS[7], eid)
 if first == who then return {'second', first} end
-redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
 if ARGV[8] ~= '' and redis.call('HSETNX', KEYS[9], ARGV[8], ARGV[9]) == 1 then
   redis.call('ZADD', KEYS[8], ARGV[10], ARGV[8])
 end
@@ -170,6 +141,8 @@ local fields = {}
 for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('RPUSH', KEYS[3], ARGV[7])
+local left = redis.call('PTTL', KEYS[1])
+if left > 0 then redis.call('PEXPIRE', KEYS[3], left) end  -- the audit list lives as long as its record
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event_id', eid, 'decision', ARGV[1])
 redis.call('HDEL', KEYS[6], eid)
 if ARGV[6] == '1' and v == 0 and not first and redis.call('ZSCORE', KEYS[5], eid) then
@@ -222,74 +195,75 @@ class SecondReviewPending(OverrideConflict):
         self.first = first
 
 
+def raw_fields(raw: str | bytes | None) -> dict[str, str]:
+    """A message body as dead-letter fields, whole: UTF-8 text as is, anything else base64."""
+    if raw is None:
+        return {"raw": ""}
+    if isinstance(raw, str):
+        return {"raw": raw}
+    try:
+        return {"raw": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"raw": base64.b64encode(raw).decode("ascii"), "raw_encoding": "base64"}
+
+
 class DecisionStore:
-    def __init__(self, client: redis.Redis, namespace: str = "moderation") -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str = "moderation",
+        *,
+        ttl_s: int | None = None,
+        decisions_maxlen: int = STREAM_MAXLEN,
+    ) -> None:
         self.r: Any = client  # redis-py's stubs type stream replies too loosely to be useful
         self.keys = Keys(namespace)
-        self._write_once = client.register_script(_WRITE_ONCE)
+        self.ttl_s = ttl_s
+        self.decisions_maxlen = decisions_maxlen
+        self._write_batch = client.register_script(_WRITE_BATCH)
+        self._dead_letter = client.register_script(_DEAD_LETTER)
         self._override = client.register_script(_OVERRIDE)
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
 
     @classmethod
-    def from_url(cls, url: str, namespace: str = "moderation") -> DecisionStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True), namespace)
+    def from_url(cls, url: str, namespace: str = "moderation", **options: Any) -> DecisionStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True), namespace, **options)
 
     # --- writes by the worker ---------------------------------------------------------------------
-    def write(self, decision: Decision) -> bool:
+    def write(self, decision: Decision, ack: Ack | None = None) -> bool:
         """Record a decision once; returns False if this event was already decided (a redelivery)."""
-        return bool(self._write_args(self.r, decision))
+        return self.write_many([decision], [ack])[0]
 
-    def write_many(self, decisions: Iterable[Decision]) -> list[bool]:
-        pipe = self.r.pipeline(transaction=False)
-        for d in decisions:
-            self._write_args(pipe, d)
-        return [bool(x) for x in pipe.execute()]
+    def write_many(
+        self, decisions: Sequence[Decision], acks: Sequence[Ack | None] | None = None
+    ) -> list[bool]:
+        """Write a batch in one atomic script; each decision's stream entry (if any) is acked and deleted."""
+        if not decisions:
+            return []
+        acks = list(acks) if acks is not None else [None] * len(decisions)
+        keys = [self.keys.decisions, self.keys.review]
+        argv: list[str | bytes | float | int] = [self.ttl_s or 0, self.decisions_maxlen, self.keys.group]
+        for d, ack in zip(decisions, acks, strict=True):
+            keys += [self.keys.decision(d.event_id), self.keys.item(d.item_id), ack[0] if ack else keys[0]]
+            review = "1" if d.verdict == Verdict.REVIEW else "0"
+            argv += [d.to_json(), d.event_id, review, d.ai_score or 0.0, ack[1] if ack else ""]
+        return [bool(x) for x in self._write_batch(keys=keys, args=argv)]
 
-    def _write_args(self, client: Any, d: Decision) -> Any:
-        keys = [
-            self.keys.decision(d.event_id),
-            self.keys.item(d.item_id),
-            self.keys.decisions,
-            self.keys.review,
-            self.keys.pending,
-            self.keys.payload,
-        ]
-        review = "1" if d.verdict == Verdict.REVIEW else "0"
-        argv: list[str | float] = [d.to_json(), d.event_id, review, d.ai_score or 0.0, STREAM_MAXLEN]
-        return self._write_once(keys=keys, args=argv, client=client)
-
-    def count_delivery(self, event_id: str, ttl_s: int = 7 * 86400) -> tuple[int, bool]:
-        """Count this delivery; returns (deliveries so far, already decided) in one round trip."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.incr(self.keys.deliveries(event_id))
-        pipe.expire(self.keys.deliveries(event_id), ttl_s)
-        pipe.exists(self.keys.decision(event_id))
-        n, _, decided = pipe.execute()
-        return int(n), bool(decided)
-
-    def forget_deliveries(self, event_ids: list[str]) -> None:
-        if event_ids:
-            self.r.delete(*[self.keys.deliveries(e) for e in event_ids])
-
-    def dead_letter(self, reason: str, detail: str, raw: str | bytes | None = None, **fields: str) -> str:
-        body = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else (raw or "")
-        entry = {"reason": reason, "detail": detail[:2000], "raw": body[:100_000], "at": utcnow().isoformat()}
+    def dead_letter(
+        self, reason: str, detail: str, raw: str | bytes | None = None, ack: Ack | None = None, **fields: str
+    ) -> str:
+        """Append the whole message and why to the dead-letter stream (and ack its entry, atomically)."""
+        entry: dict[str, str] = {"reason": reason, "detail": detail[:4000], **raw_fields(raw)}
+        entry["at"] = utcnow().isoformat()
         entry.update({k: str(v) for k, v in fields.items()})
-        pipe = self.r.pipeline(transaction=True)
-        pipe.xadd(self.keys.deadletter, entry, maxlen=STREAM_MAXLEN, approximate=True)
-        if fields.get("event_id"):  # settled: the reaper must not re-send it
-            pipe.zrem(self.keys.pending, fields["event_id"])
-            pipe.hdel(self.keys.payload, fields["event_id"])
-        return str(pipe.execute()[0])
-
-    def register_pending(self, events: Iterable[tuple[str, str, float]]) -> None:
-        """Record (event_id, event JSON, submitted timestamp) before sending: the outbox the reaper uses."""
-        pipe = self.r.pipeline(transaction=False)
-        for event_id, raw, ts in events:
-            pipe.hset(self.keys.payload, event_id, raw)
-            pipe.zadd(self.keys.pending, {event_id: ts})
-        pipe.execute()
+        if ack:
+            entry.setdefault("stream", ack[0])
+            entry.setdefault("entry_id", ack[1])
+        flat = [x for kv in entry.items() for x in kv]
+        keys = [self.keys.deadletter, ack[0] if ack else self.keys.deadletter]
+        result = self._dead_letter(keys=keys, args=[self.keys.group, ack[1] if ack else "", *flat])
+        return result.decode() if isinstance(result, bytes) else str(result)
 
     # --- reads -------------------------------------------------------------------------------------
     def get(self, event_id: str) -> Decision | None:
@@ -407,7 +381,7 @@ class DecisionStore:
                 event_id,
                 expected,
                 moderator,
-                STREAM_MAXLEN,
+                self.decisions_maxlen,
                 wait,
                 json.dumps(audit),
                 *job,
@@ -511,11 +485,3 @@ class DecisionStore:
             return []  # nothing is older; Redis refuses the exclusive range "(0-0"
         end = before if before == "+" else f"({before}"
         return [(str(i), dict(f)) for i, f in self.r.xrevrange(self.keys.overrides, end, "-", count=count)]
-
-
-def decision_from_stream(fields: dict[str, str]) -> Decision:
-    return Decision.from_json(fields["decision"])
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, default=str)

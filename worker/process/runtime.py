@@ -1,9 +1,10 @@
-"""What a worker process holds while it runs: model source, batcher, decision store, metrics, webhooks.
+"""One worker process, wired in one place: what it holds, in which order it starts and stops.
 
-Built once at the edge (``moderation worker``) before Celery starts consuming, so the model is loaded in the
-main process (Celery kills a pool child whose start-up takes more than 4 s; the threads pool has none).
-:meth:`Runtime.handle` is the whole per-message contract: every message ends as exactly one decision or one
-dead-letter entry, and the caller acks only after that.
+Built once at the edge (``moderation worker``) before Celery starts, so the model is loaded in the main
+process. Start: Redis clients, decision store, model source (hot reload), fetcher, batcher, webhooks, stream
+consumer, heartbeat. The Celery consumer bootstep (worker/process/app.py) calls :meth:`start_consuming` and
+:meth:`stop_consuming`; :meth:`close` drains and stops everything in reverse order. Every entry the consumer
+reads ends as exactly one decision or one dead-letter entry, and is acked in the same script as that write.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ from typing import Any
 import redis
 import structlog
 
-from worker.delivery.reaper import Reaper
-from worker.delivery.store import DecisionStore
+from worker.delivery.store import Ack, DecisionStore
 from worker.delivery.webhook import Webhooks
-from worker.errors import ErrorReason, SchemaError
+from worker.ingress.consumer import StreamConsumer
+from worker.keys import Keys
 from worker.media.fetch import Fetcher
+from worker.media.provenance import EvidenceMetrics
 from worker.ops.metrics import Metrics
 from worker.ops.tracking import item_error_breadcrumb
-from worker.records import Decision, Event, Verdict, utcnow
-from worker.scoring.batcher import Batcher, ScorerSource
+from worker.records import Decision, Verdict
+from worker.scoring.batcher import Batcher, Decided, Job, ScorerSource
+from worker.scoring.duplicates import DuplicateIndex
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -40,9 +43,13 @@ def build_source(settings: Settings, metrics: Metrics, client: redis.Redis) -> S
     return ModelWatcher(settings, metrics, client).start()
 
 
-class Runtime:
-    retryable: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+def require_redis(settings: Settings) -> str:
+    if not settings.redis_url:
+        raise ValueError("a Redis URL is required (REDIS_URL or MODERATION_REDIS_URL)")
+    return settings.redis_url
 
+
+class Runtime:
     def __init__(
         self,
         settings: Settings,
@@ -50,100 +57,105 @@ class Runtime:
         metrics: Metrics | None = None,
         hostname: str | None = None,
     ) -> None:
-        if not settings.redis_url:
-            raise ValueError("a Redis URL is required")
+        url = require_redis(settings)
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.redis: Any = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-        self.store = DecisionStore(self.redis, settings.namespace)
+        self.keys = Keys(settings.namespace)
+        self.redis: Any = redis.Redis.from_url(url, decode_responses=True)
+        self.store = DecisionStore(
+            self.redis,
+            settings.namespace,
+            ttl_s=settings.record_ttl_s,
+            decisions_maxlen=settings.decisions_maxlen,
+        )
         self.source = source or build_source(settings, self.metrics, self.redis)
         self.fetcher = Fetcher(settings)
         self.hostname = hostname or f"{socket.gethostname()}-{os.getpid()}"
-        self.batcher = Batcher(self.source, self.fetcher, settings, self.metrics, self.store, self.hostname)
-        self.webhooks = Webhooks(settings)
+        self.batcher = Batcher(
+            self.source,
+            self.fetcher,
+            settings,
+            self.metrics,
+            self.store,
+            self.hostname,
+            on_decided=self._decided,
+            on_failed=self._failed,
+            duplicates=DuplicateIndex.from_url(url, settings) if settings.duplicates else None,
+            evidence=EvidenceMetrics(self.metrics.registry),
+        )
+        self.webhooks = Webhooks(settings, registry=self.metrics.registry)
+        self.consumer = StreamConsumer(
+            settings,
+            redis.Redis.from_url(url, decode_responses=False),
+            self.store,
+            self.batcher,
+            self.metrics,
+            self.hostname,
+        )
         self.ready = False
-        self.reaper: Reaper | None = None
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
-        self._in_flight = 0
-        self._lock = threading.Lock()
+        self._closed = False
 
     def start(self) -> Runtime:
         self.batcher.start()
         self._heartbeat.start()
         return self
 
-    # --- per message ---------------------------------------------------------------------------------
-    def handle(self, raw: str | bytes, task_id: str | None = None) -> Decision | None:
-        """Decide one message. Returns the decision, or None when it was dead-lettered or already decided."""
-        picked = utcnow()
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(task_id=task_id)
-        try:
-            event = Event.from_json(raw)
-        except SchemaError as exc:
-            self.store.dead_letter(ErrorReason.MALFORMED_EVENT.value, str(exc), raw, task_id=task_id or "")
-            self.metrics.dead_letters.labels(ErrorReason.MALFORMED_EVENT.value).inc()
-            log.warning("dead_lettered", reason="malformed_event", detail=str(exc))
-            return None
-        structlog.contextvars.bind_contextvars(event_id=event.event_id, item_id=event.item_id)
-        deliveries, decided = self.store.count_delivery(event.event_id)
-        if decided:
-            self.metrics.duplicates.inc()
-            log.info("duplicate_delivery", deliveries=deliveries)
-            return None
-        if deliveries > self.settings.max_deliveries:
-            detail = f"delivered {deliveries} times without a decision (worker crashes while deciding it?)"
-            self.store.dead_letter(ErrorReason.REDELIVERY_LIMIT.value, detail, raw, event_id=event.event_id)
-            self.store.forget_deliveries([event.event_id])
-            self.metrics.dead_letters.labels(ErrorReason.REDELIVERY_LIMIT.value).inc()
-            log.error("dead_lettered", reason="redelivery_limit", deliveries=deliveries)
-            return None
-        self.metrics.queue_wait.observe(max(0.0, (picked - event.submitted_at).total_seconds()))
-        with self._lock:
-            self._in_flight += 1
-            self.metrics.in_flight.set(self._in_flight)
-        try:
-            outcome = self.batcher.submit(event).result()
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-                self.metrics.in_flight.set(self._in_flight)
-        decision = outcome.decision
-        structlog.contextvars.bind_contextvars(model_version=decision.model_version)
-        if not outcome.written:
-            self.metrics.duplicates.inc()
-            log.info("duplicate_delivery", deliveries=deliveries)
-            return decision
-        self._account(decision, event)
-        if event.callback_url:
-            self.webhooks.send(event.callback_url, decision)
-        return decision
+    def start_consuming(self) -> None:
+        self.consumer.start()
 
-    def _account(self, d: Decision, event: Event) -> None:
+    def stop_consuming(self) -> None:
+        """First stop signal: read nothing more; held entries are still decided and acked by :meth:`close`."""
+        self.consumer.stop_reading()
+
+    # --- after each batch (model thread) -------------------------------------------------------------
+    def _decided(self, done: list[Decided]) -> None:
+        try:
+            for d in done:
+                if d.written:
+                    self._account(d.decision, d.job)
+                    if d.job.event.callback_url:
+                        self.webhooks.send(d.job.event.callback_url, d.decision)
+                else:
+                    self.metrics.duplicates.inc()
+                    log.info("duplicate_delivery", event_id=d.decision.event_id, entry_id=_entry(d.job.ack))
+        finally:
+            self.consumer.settled([d.job.ack for d in done])
+
+    def _failed(self, jobs: list[Job], exc: BaseException) -> None:
+        log.error(
+            "batch_not_written",
+            size=len(jobs),
+            error=str(exc),
+            then="redelivered after the visibility timeout",
+        )
+        self.consumer.settled([j.ack for j in jobs])
+
+    def _account(self, d: Decision, job: Job) -> None:
         m = self.metrics
         m.decisions.labels(d.verdict.value).inc()
-        m.latency.observe(max(0.0, (d.decided_at - event.submitted_at).total_seconds()))
+        m.latency.observe(max(0.0, (d.decided_at - job.event.submitted_at).total_seconds()))
+        fields = {
+            "event_id": d.event_id,
+            "item_id": d.item_id,
+            "model_version": d.model_version,
+            "entry_id": _entry(job.ack),
+            "verdict": d.verdict.value,
+        }
         if d.verdict == Verdict.ERROR:
             reason = d.reason.value if d.reason else "unknown"
             m.errors.labels(reason).inc()
             item_error_breadcrumb(d)  # a bad image is context for Sentry, never an alert of its own
-            log.info("decided", verdict=d.verdict.value, reason=reason, detail=d.detail)
+            log.info("decided", reason=reason, detail=d.detail, **fields)
         else:
             if d.ai_score is not None:
                 m.scores.observe(d.ai_score)
-            log.info("decided", verdict=d.verdict.value, ai_score=round(d.ai_score or 0.0, 5))
-
-    def dead_letter(self, raw: str | bytes, reason: ErrorReason, detail: str) -> None:
-        self.store.dead_letter(reason.value, detail, raw)
-        self.metrics.dead_letters.labels(reason.value).inc()
+            log.info("decided", ai_score=round(d.ai_score or 0.0, 5), **fields)
 
     # --- liveness ------------------------------------------------------------------------------------
     def _beat(self) -> None:
-        from worker.process.app import Queues
-
-        q = Queues(self.settings.namespace)
-        key = self.store.keys.worker(self.hostname)
+        key = self.keys.worker(self.hostname)
         ttl = max(3, int(self.settings.heartbeat_s * 3))
         while not self._stop.is_set():
             try:
@@ -157,39 +169,33 @@ class Runtime:
                         "model_version": scorer.version,
                         "ready": int(self.ready),
                         "batches": self.batcher.batches,
+                        "held": self.consumer.held,
                         "at": time.time(),
                     },
                 )
                 pipe.expire(key, ttl)
-                pipe.llen(q.events)
-                pipe.llen(q.urgent)
-                _, _, events, urgent = pipe.execute()
-                self.metrics.queue_depth.labels(q.events).set(events)
-                self.metrics.queue_depth.labels(q.urgent).set(urgent)
+                for stream in self.keys.streams:
+                    pipe.xlen(stream)  # unread + held: acked entries are deleted
+                depths = pipe.execute()[2:]
+                for stream, depth in zip(self.keys.streams, depths, strict=True):
+                    self.metrics.queue_depth.labels(stream).set(depth)
             except Exception:
                 log.warning("heartbeat_failed", exc_info=True)
-            try:
-                self._reaper().maybe_sweep()
-            except Exception:
-                log.warning("reaper_failed", exc_info=True)
             self._stop.wait(self.settings.heartbeat_s)
-
-    def _reaper(self) -> Reaper:
-        if self.reaper is None:
-            from worker.ingress.producer import Producer
-
-            producer = Producer(self.settings)
-            self.reaper = Reaper(
-                self.settings, self.store, lambda raw, urgent: producer.send_raw(raw, urgent, register=False)
-            )
-        return self.reaper
 
     def mark_ready(self) -> None:
         self.ready = True
-        self.redis.hset(self.store.keys.worker(self.hostname), "ready", 1)
+        self.redis.hset(self.keys.worker(self.hostname), "ready", 1)
 
     def close(self) -> None:
-        """Drain: every submitted event is decided and written before this returns."""
+        """Drain: every held entry is decided, written and acked before this returns."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.consumer.drain(timeout=float(self.settings.visibility_timeout_s)):
+            log.error(
+                "drain_incomplete", held=self.consumer.held, then="redelivered after the visibility timeout"
+            )
         self.batcher.close()
         self.webhooks.close()
         self._stop.set()
@@ -197,10 +203,14 @@ class Runtime:
         if hasattr(self.source, "close"):  # stop the model watcher's threads (worker.lifecycle.reload)
             self.source.close()
         with contextlib.suppress(redis.RedisError):
-            self.redis.delete(self.store.keys.worker(self.hostname))
+            self.redis.delete(self.keys.worker(self.hostname))
         self.fetcher.close()
 
 
 def live_workers(client: Any, namespace: str) -> list[dict[str, str]]:
     """Heartbeats of workers seen in the last few seconds."""
-    return [dict(client.hgetall(k)) for k in client.scan_iter(f"{namespace}:worker:*")]
+    return [dict(client.hgetall(k)) for k in client.scan_iter(Keys(namespace).workers_pattern)]
+
+
+def _entry(ack: Ack | None) -> str | None:
+    return ack[1] if ack else None

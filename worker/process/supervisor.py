@@ -1,17 +1,16 @@
 """Several ``moderation worker`` processes as one unit: ``moderation worker --processes N``.
 
-One worker process tops out near 1,000-1,500 events/s on Python and GIL cost (Celery dispatch, the Redis round
-trips of ``Runtime.handle``) while one GPU scores about 7,500 crops/s, so a GPU host needs several processes
-per GPU. The supervisor is deliberately small: it starts N ordinary ``python -m worker worker --processes 1``
-children (same options and environment, hostname ``{base}-{i}``, metrics port ``base + i``), forwards
-signals, and fails fast.
+One worker process's per-event Python work (validation, fetch, decode planning, decision JSON) runs under one
+GIL while one GPU scores about 7,500 crops/s, so a GPU host needs several processes per GPU. The supervisor
+is deliberately small: it starts N ordinary ``python -m worker worker --processes 1`` children (same options
+and environment, hostname ``{base}-{i}``, metrics port ``base + i``), forwards signals, and fails fast.
 
 * Signals: every SIGTERM/SIGINT it receives is forwarded to every child. The first makes each child drain
-  (finish and ack what it holds, hand prefetched messages back, exit 0); a second makes them exit at once
-  (what they held comes back after the visibility timeout). Children run in their own process group, so a
-  terminal's Ctrl-C reaches them once, through the supervisor, and is not counted twice.
+  (stop reading the streams, finish and ack what it holds, exit 0); a second makes them exit at once (what
+  they held is reclaimed by other workers after the visibility timeout). Children run in their own process
+  group, so a terminal's Ctrl-C reaches them once, through the supervisor, and is not counted twice.
 * A child that exits on its own (crash, bad checkpoint, OOM kill) stops the unit: the others are drained
-  (SIGTERM; SIGKILL if still running after the visibility timeout, past which what they hold is redelivered
+  (SIGTERM; SIGKILL if still running after the visibility timeout, past which what they hold is reclaimed
   anyway) and the supervisor exits with the child's status, so the orchestrator restarts the whole unit
   instead of running it quietly at reduced capacity.
 * Exit status 0 only when a signal asked for the stop and every child drained cleanly (exited 0).

@@ -105,13 +105,12 @@ def override(event_id: str, body: OverrideRequest, review: Ctx, user: ApiUser) -
         raise HTTPException(422, "verdict must be block (confirm AI) or allow (mark real).")
     before = review.decision_or_404(event_id)
     try:
-        updated = review.store.override(
+        updated = review.override(
             event_id,
             body.verdict,
             user.name,
             note=body.note,
             expected_version=body.version,
-            second_review=review.settings.review_second_review,
         )
     except OverrideConflict as exc:
         return JSONResponse(conflict_json(exc), 409)

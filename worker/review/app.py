@@ -23,7 +23,7 @@ from worker.review import api, pages
 from worker.review.auth import session_secret
 from worker.review.context import HERE, Review
 from worker.review.guards import LoginRequired
-from worker.review.views import render
+from worker.review.views import make_templates, render
 from worker.settings import Settings
 
 SESSION_COOKIE = "moderation_review"
@@ -39,7 +39,7 @@ def create_app(settings: Settings, store: DecisionStore | None = None) -> FastAP
         if not settings.redis_url:
             raise ValueError("the review page reads decisions from Redis: set MODERATION_REDIS_URL")
         store = DecisionStore.from_url(settings.redis_url, settings.namespace)
-    review = Review.build(settings, store)
+    review = Review.build(settings, store, make_templates(HERE / "templates"))
 
     app = FastAPI(
         title="moderation review API",

@@ -161,19 +161,18 @@ def bulk_action(
         if not at or not number.isdigit():
             raise HTTPException(422, f"items: {item!r} is not event_id@version")
         parsed.append((event_id, int(number)))
-    store, settings = review.store, review.settings
+    store = review.store
     saved, refused = 0, []
     for event_id, seen in parsed:
         if action == "skip":
             saved += store.release([event_id], user.name)
             continue
         try:
-            store.override(
+            review.override(
                 event_id,
                 ACTIONS[action],
                 user.name,
                 expected_version=seen,
-                second_review=settings.review_second_review,
             )
             saved += 1
         except KeyError:
@@ -277,13 +276,12 @@ def item_action(
         request.session["flash"] = f"Skipped {before.item_id}."
     else:
         try:
-            updated = store.override(
+            updated = review.override(
                 event_id,
                 ACTIONS[action],
                 user.name,
                 note=note,
                 expected_version=version,
-                second_review=settings.review_second_review,
             )
         except OverrideConflict as exc:
             ctx = item_context(review, user, event_id, query)

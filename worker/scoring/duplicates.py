@@ -37,6 +37,7 @@ import redis
 from PIL import Image, ImageOps
 
 from worker.delivery.store import STREAM_MAXLEN, DecisionStore
+from worker.keys import Keys
 from worker.records import Decision, MatchedEvent, Verdict, utcnow
 from worker.settings import Settings
 
@@ -124,7 +125,7 @@ class DuplicateIndex:
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.r: Any = client
-        self.key = f"{settings.namespace}:pdq"
+        self.key = Keys(settings.namespace).pdq
         self.threshold = settings.duplicate_threshold
         self.max_entries = settings.duplicate_max_entries
         self.ttl_ms = settings.duplicate_ttl_s * 1000
