@@ -9,12 +9,23 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from worker.cli.common import CheckpointOpt, DeviceOpt, build_settings, console, err, fail, print_decisions
+from worker.cli.common import (
+    CheckpointOpt,
+    DeviceOpt,
+    build_settings,
+    console,
+    err,
+    fail,
+    print_decision_stream,
+    print_decisions,
+    serve_metrics,
+)
 from worker.settings import Settings
 
 
@@ -55,6 +66,7 @@ def worker(
     are reclaimed by other workers after the visibility timeout). With --processes N (N > 1) the same holds
     for every child (docs/queue.md, "Several processes per GPU").
     """
+    from celery.exceptions import SecurityWarning
     from celery.signals import worker_ready
 
     from worker.errors import CheckpointError
@@ -91,9 +103,7 @@ def worker(
     except CheckpointError as exc:
         raise fail(str(exc)) from exc
     if settings.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.metrics_port, registry=runtime.metrics.registry)
+        serve_metrics(runtime.metrics.registry, settings.metrics_port)
     app = make_app(settings)
 
     def on_ready(**_: Any) -> None:
@@ -101,6 +111,9 @@ def worker(
         runtime.mark_ready()
 
     worker_ready.connect(on_ready, weak=False)
+    # Celery warns about superuser privileges because pickle content can run code; this worker accepts JSON
+    # only (worker/process/app.py), so as root (a developer's shell) the warning says nothing actionable.
+    warnings.filterwarnings("ignore", category=SecurityWarning)
     w = app.Worker(
         hostname=f"{runtime.hostname}@moderation",
         pool="threads",
@@ -110,7 +123,7 @@ def worker(
         loglevel=settings.log_level,
         without_gossip=True,
         without_mingle=True,
-        without_heartbeat=True,
+        without_heartbeat=not settings.celery_events,
         quiet=True,
     )
     try:
@@ -206,13 +219,14 @@ def submit(
             sys.stdout.write(f"{e.event_id}\t{e.item_id}\n")
         return
     missing = {e.event_id for e in events}
-    for d in producer.iter_decisions([e.event_id for e in events], timeout=timeout):
-        missing.discard(d.event_id)
-        if as_json:
+    stream = producer.iter_decisions([e.event_id for e in events], timeout=timeout)
+    if as_json:
+        for d in stream:
+            missing.discard(d.event_id)
             sys.stdout.write(d.to_json() + "\n")
             sys.stdout.flush()
-        else:
-            print_decisions([d])
+    else:
+        missing -= {d.event_id for d in print_decision_stream(stream, title=f"{len(events)} submitted")}
     if missing:
         raise fail(f"{len(missing)} event(s) not decided within {timeout:.0f}s: is a worker running?", 1)
 
