@@ -152,9 +152,8 @@ def redis_overrides() -> list[Any]:
     from worker.delivery.store import DecisionStore
 
     settings = build_settings()
-    if not settings.redis_url:
-        raise fail("--overrides-from-redis needs MODERATION_REDIS_URL (or REDIS_URL)")
-    return overrides_from_store(DecisionStore.from_url(settings.redis_url, settings.namespace))
+    redis_url = settings.require_redis("this command reads Redis")
+    return overrides_from_store(DecisionStore.from_url(redis_url, settings.namespace))
 
 
 def labels_report(
@@ -572,9 +571,8 @@ def labels_build(
             from worker.delivery.store import DecisionStore
 
             settings = build_settings()
-            if not settings.redis_url:
-                raise fail("--decisions-from-redis needs MODERATION_REDIS_URL (or REDIS_URL)")
-            dec = decisions_from_store(DecisionStore.from_url(settings.redis_url, settings.namespace))
+            redis_url = settings.require_redis("this command reads Redis")
+            dec = decisions_from_store(DecisionStore.from_url(redis_url, settings.namespace))
         built = build_labels(table, dec, overrides)
         write_table(built, out)
     except LabelsError as exc:
@@ -814,8 +812,7 @@ def retrain(
         known = ", ".join(sorted(set(TrainConfig.model_fields) - {"labels", "progress"}))
         raise fail(f"invalid -O option {_first_error(exc)}; known options: {known}") from exc
     settings = build_settings()
-    if not settings.redis_url:
-        raise fail("no Redis configured: set REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
+    settings.require_redis("this command reads Redis")
     request = JobRequest(
         labels=labels,
         options=options,
@@ -844,8 +841,7 @@ def retrain_status(
     from training.jobs import JobStore
 
     settings = build_settings()
-    if not settings.redis_url:
-        raise fail("no Redis configured: set REDIS_URL")
+    settings.require_redis("this command reads Redis")
     store = JobStore.from_settings(settings)
     job_id = job or next(iter(store.latest()), None)
     if job_id is None:
@@ -887,8 +883,7 @@ def train_worker(
     from worker.process.app import Queues
 
     settings = build_settings()
-    if not settings.redis_url:
-        raise fail("no Redis configured: set REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
+    settings.require_redis("this command reads Redis")
     configure_logging(settings)
     app = make_training_app(settings)
     w = app.Worker(

@@ -50,9 +50,8 @@ class JobStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
-        if not settings.redis_url:
-            raise ValueError("a Redis URL is required (REDIS_URL or MODERATION_REDIS_URL)")
-        return cls(redis.Redis.from_url(settings.redis_url, decode_responses=True), settings.namespace)
+        url = settings.require_redis("training jobs are queued in Redis")
+        return cls(redis.Redis.from_url(url, decode_responses=True), settings.namespace)
 
     def key(self, job_id: str) -> str:
         return f"{self.ns}:training:{job_id}"

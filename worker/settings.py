@@ -334,6 +334,12 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="Approximate length the decisions stream is trimmed to (MAXLEN ~)."
     )
 
+    def require_redis(self, purpose: str = "") -> str:
+        """The Redis URL, or :class:`RedisNotConfigured` saying what needed it (one rule for every caller)."""
+        if not self.redis_url:
+            raise RedisNotConfigured(purpose)
+        return self.redis_url
+
     def resolved_device(self) -> str:
         """The torch device to use; a CUDA device this host does not have is a :class:`DeviceUnavailable`."""
         import torch
@@ -389,6 +395,17 @@ class Settings(BaseSettings):
 
 class DeviceUnavailable(RuntimeError):
     """The configured torch device does not exist on this host (e.g. ``cuda`` without a GPU)."""
+
+
+class RedisNotConfigured(ValueError):
+    """A command or component that needs Redis was started without a Redis URL."""
+
+    def __init__(self, purpose: str = "") -> None:
+        needs = f" ({purpose})" if purpose else ""
+        super().__init__(
+            f"no Redis configured{needs}; fix: set REDIS_URL (e.g. redis://127.0.0.1:6379/0) "
+            "or pass --redis-url"
+        )
 
 
 def _is_list(annotation: Any) -> bool:

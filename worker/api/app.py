@@ -95,9 +95,8 @@ class WebhookOutcomes(Collector):
 
 
 def create_app(settings: Settings, producer: Producer | None = None) -> FastAPI:
-    if not settings.redis_url:
-        raise ValueError("the API needs Redis: set REDIS_URL")
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    redis_url = settings.require_redis("the API queues events in Redis")
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     registry = CollectorRegistry()
     api = Api(
         settings=settings,

@@ -29,12 +29,11 @@ NamespaceOpt = Annotated[str | None, typer.Option(help="Redis key prefix (defaul
 
 def _settings(redis_url: str | None, namespace: str | None, **extra: Any) -> Settings:
     settings = build_settings(redis_url=redis_url, namespace=namespace, **extra)
-    if not settings.redis_url:
-        raise fail("no Redis configured: pass --redis-url or set REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
+    redis_url = settings.require_redis("the API and webhooks use Redis")
     import redis
 
     try:
-        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5).ping()
+        redis.Redis.from_url(redis_url, socket_connect_timeout=5).ping()
     except (redis.RedisError, ValueError) as exc:
         raise fail(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
     return settings

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from worker.settings import DeviceUnavailable, Settings
+from worker.settings import DeviceUnavailable, RedisNotConfigured, Settings
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # soft_wrap: an error stays one line whatever the width
@@ -108,6 +108,8 @@ def one_line_error(exc: BaseException) -> tuple[str, int] | None:
         isinstance(exc, SettingsError) or exc.title == Settings.__name__
     ):
         return settings_error_message(exc), EXIT_USAGE
+    if isinstance(exc, RedisNotConfigured):
+        return str(exc), EXIT_USAGE
     if isinstance(exc, DeviceUnavailable):
         return f"{exc}; fix: pass --device cpu (or set MODERATION_DEVICE=cpu or auto)", EXIT_USAGE
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):

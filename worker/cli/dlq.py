@@ -30,9 +30,8 @@ AllOpt = Annotated[bool, typer.Option("--all", help="Every entry.")]
 
 def _queue() -> DeadLetterQueue:
     settings = build_settings()
-    if not settings.redis_url:
-        raise fail("no Redis configured: set REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
-    return DeadLetterQueue(DecisionStore.from_url(settings.redis_url, settings.namespace))
+    redis_url = settings.require_redis("dead letters live in Redis")
+    return DeadLetterQueue(DecisionStore.from_url(redis_url, settings.namespace))
 
 
 def _select(dlq: DeadLetterQueue, reason: list[str] | None, ids: list[str] | None, every: bool) -> list:

@@ -30,9 +30,7 @@ from worker.settings import Settings
 
 
 def _need_redis(settings: Settings) -> str:
-    if not settings.redis_url:
-        raise fail("no Redis configured: set REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
-    return settings.redis_url
+    return settings.require_redis("queue commands use Redis")
 
 
 def worker(

@@ -46,8 +46,7 @@ def review(
 
     settings = build_settings(redis_url=redis_url, namespace=namespace)
     configure_logging(settings)
-    if not settings.redis_url:
-        raise fail("the review page reads decisions from Redis: pass --redis-url or set REDIS_URL")
+    redis_url = settings.require_redis("the review page and its labels read decisions from Redis")
     try:
         users = load_users(settings)
     except UserStoreError as exc:
@@ -57,7 +56,7 @@ def review(
             f"[yellow]warning:[/] no accounts yet (store: {users_file(settings)}); create one with\n"
             "  moderation review add-user NAME --role admin"
         )
-    store = DecisionStore.from_url(settings.redis_url, settings.namespace)
+    store = DecisionStore.from_url(redis_url, settings.namespace)
     try:
         store.r.ping()
     except Exception as exc:  # redis-py raises several connection error types
@@ -232,9 +231,8 @@ def labels_export(
     from worker.review.labels import LabelsError, override_labels, write_labels
 
     settings = build_settings(redis_url=redis_url, namespace=namespace)
-    if not settings.redis_url:
-        raise fail("labels come from the decision store: pass --redis-url or set REDIS_URL")
-    store = DecisionStore.from_url(settings.redis_url, settings.namespace)
+    redis_url = settings.require_redis("the review page and its labels read decisions from Redis")
+    store = DecisionStore.from_url(redis_url, settings.namespace)
     df = override_labels(store, per_verdict=per_verdict)
     try:
         write_labels(df, out)

@@ -408,12 +408,11 @@ class Archiver:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> Archiver:
-        if not settings.redis_url:
-            raise ArchiveError("no Redis configured: set REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
+        redis_url = settings.require_redis("the archiver reads the decisions stream")
         if not settings.archive_uri:
             raise ArchiveError("no archive configured: set MODERATION_ARCHIVE_URI (a folder or s3://...)")
         kwargs: dict[str, Any] = dict(
-            client=redis.Redis.from_url(settings.redis_url, decode_responses=True),
+            client=redis.Redis.from_url(redis_url, decode_responses=True),
             target=open_target(settings.archive_uri, settings),
             namespace=settings.namespace,
             group=settings.archive_group,

@@ -293,12 +293,9 @@ class Dispatcher:
         threads: int = 4,
         poll_s: float = 0.5,
     ) -> None:
-        if not settings.redis_url:
-            raise ValueError("a Redis URL is required")
+        redis_url = settings.require_redis("callbacks are scheduled in Redis")
         self.settings = settings
-        self.queue = WebhookQueue(
-            redis.Redis.from_url(settings.redis_url, decode_responses=True), settings.namespace
-        )
+        self.queue = WebhookQueue(redis.Redis.from_url(redis_url, decode_responses=True), settings.namespace)
         self.signer = signer(settings)
         self.schedule = [float(s) for s in settings.webhook_retry_schedule_s]
         timeout = httpx.Timeout(settings.webhook_timeout_s, connect=settings.webhook_connect_timeout_s)
@@ -414,12 +411,9 @@ class Webhooks:
     """
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
-        if not settings.redis_url:
-            raise ValueError("a Redis URL is required")
+        redis_url = settings.require_redis("callbacks are scheduled in Redis")
         self.settings = settings
-        self.queue = WebhookQueue(
-            redis.Redis.from_url(settings.redis_url, decode_responses=True), settings.namespace
-        )
+        self.queue = WebhookQueue(redis.Redis.from_url(redis_url, decode_responses=True), settings.namespace)
         self.dispatcher: Dispatcher | None = None
         if settings.webhook_dispatch_in_worker:  # also delivers overrides and jobs other processes left
             self.dispatcher = Dispatcher(settings, registry, threads=2).start()

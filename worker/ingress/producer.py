@@ -53,11 +53,10 @@ class BacklogFull(RuntimeError):
 
 class Producer:
     def __init__(self, settings: Settings) -> None:
-        if not settings.redis_url:
-            raise ValueError("a Redis URL is required (REDIS_URL or MODERATION_REDIS_URL)")
+        redis_url = settings.require_redis("the producer writes to Redis streams")
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.r: Any = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        self.r: Any = redis.Redis.from_url(redis_url, decode_responses=True)
         self.store = DecisionStore(self.r, settings.namespace)
         self._xadd = self.r.register_script(_BOUNDED_XADD)
 

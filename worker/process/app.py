@@ -92,8 +92,7 @@ def delivery_config(settings: Settings) -> dict[str, Any]:
 
 def make_app(settings: Settings) -> ModerationCelery:
     """Build the Celery program for these settings; no global app, nothing happens at import."""
-    if not settings.redis_url:
-        raise ValueError("a Redis URL is required (REDIS_URL or MODERATION_REDIS_URL)")
+    settings.require_redis("the Celery program uses Redis as its broker")
     app = ModerationCelery(f"{settings.namespace}-worker", set_as_current=False)
     app.settings = settings
     app.conf.update(delivery_config(settings))

@@ -44,9 +44,7 @@ def build_source(settings: Settings, metrics: Metrics, client: redis.Redis) -> S
 
 
 def require_redis(settings: Settings) -> str:
-    if not settings.redis_url:
-        raise ValueError("a Redis URL is required (REDIS_URL or MODERATION_REDIS_URL)")
-    return settings.redis_url
+    return settings.require_redis("a worker reads events from Redis")
 
 
 class Runtime:

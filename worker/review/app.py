@@ -36,9 +36,8 @@ CSP = (
 
 def create_app(settings: Settings, store: DecisionStore | None = None) -> FastAPI:
     if store is None:
-        if not settings.redis_url:
-            raise ValueError("the review page reads decisions from Redis: set MODERATION_REDIS_URL")
-        store = DecisionStore.from_url(settings.redis_url, settings.namespace)
+        redis_url = settings.require_redis("the review page reads decisions from Redis")
+        store = DecisionStore.from_url(redis_url, settings.namespace)
     review = Review.build(settings, store, make_templates(HERE / "templates"))
 
     app = FastAPI(
