@@ -267,7 +267,7 @@ ROWS: list[Row] = [
                 "timeseries",
                 "short",
                 "Items waiting for a moderator (ModerationReviewBacklogStale watches their age).",
-                [q("max(moderation_review_backlog_items)", "items")],
+                [q("max(moderation_review_queue_items)", "items")],
             ),
             (
                 "Oldest item waiting for review",
@@ -275,29 +275,6 @@ ROWS: list[Row] = [
                 "s",
                 "Age of the oldest review item: the time a moderator's answer is late by.",
                 [q("max(moderation_review_oldest_item_age_seconds)", "oldest")],
-            ),
-            (
-                "Training jobs",
-                "timeseries",
-                "short",
-                "Jobs finished per outcome in the last day, and jobs running now.",
-                [
-                    q("sum by (outcome) (increase(moderation_training_jobs_total[1d]))", "{{outcome}}"),
-                    q("sum(moderation_training_jobs_running)", "running"),
-                ],
-            ),
-            (
-                "Training job duration",
-                "timeseries",
-                "s",
-                "Wall time of a training job, start to outcome.",
-                [
-                    q(
-                        "histogram_quantile(0.5,"
-                        " sum by (le) (rate(moderation_training_job_seconds_bucket[1d])))",
-                        "p50",
-                    )
-                ],
             ),
         ],
     ),

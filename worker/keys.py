@@ -20,6 +20,13 @@ Layout (``{ns}`` = ``{`` + ``settings.namespace`` + ``}``)::
     {ns}:overrides             stream: append-only audit log of moderator actions
     {ns}:deadletter            stream: entries that could not be decided, whole, with the reason
     {ns}:worker:{hostname}     hash: a live worker's heartbeat, with a TTL
+    {ns}:webhooks:due          sorted set: callback job ids by due time (the durable retry schedule)
+    {ns}:webhooks:jobs         hash: job id -> job JSON (url, body, attempts)
+    {ns}:webhooks:dead         stream: callbacks that ran out of retries or were refused, with the reason
+    {ns}:webhooks:outcomes     hash: fleet-wide delivery counts by outcome
+    {ns}:webhooks:callback:{event_id}  the callback URL an event asked for (for its final verdict)
+    {ns}:api:tokens            hash: sha256 of an API token -> its name and scopes
+    {ns}:api:token-names       hash: token name -> sha256
 
 Consumer groups: ``workers`` on the two event streams (every ``moderation worker``), ``archiver`` on the
 decisions stream. Celery (the training queue, remote control) keeps its own list-based queues
@@ -105,6 +112,34 @@ class Keys:
     @property
     def pdq(self) -> str:
         return f"{self.ns}:pdq"
+
+    # --- callbacks and the HTTP API --------------------------------------------------------------
+    @property
+    def webhooks_due(self) -> str:
+        return f"{self.ns}:webhooks:due"
+
+    @property
+    def webhooks_jobs(self) -> str:
+        return f"{self.ns}:webhooks:jobs"
+
+    @property
+    def webhooks_dead(self) -> str:
+        return f"{self.ns}:webhooks:dead"
+
+    @property
+    def webhooks_outcomes(self) -> str:
+        return f"{self.ns}:webhooks:outcomes"
+
+    def webhook_callback(self, event_id: str) -> str:
+        return f"{self.ns}:webhooks:callback:{event_id}"
+
+    @property
+    def api_tokens(self) -> str:
+        return f"{self.ns}:api:tokens"
+
+    @property
+    def api_token_names(self) -> str:
+        return f"{self.ns}:api:token-names"
 
     # --- workers ----------------------------------------------------------------------------------
     def worker(self, hostname: str) -> str:

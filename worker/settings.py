@@ -294,7 +294,7 @@ class Settings(BaseSettings):
         50, ge=0, le=100, description="PDQ quality below which an image is too flat to hash reliably."
     )
     duplicate_reuse_model: bool = Field(
-        True,
+        False,
         description="A copy of a model decision by the same model version reuses its score instead of "
         "running the model again (a moderator's verdict is always inherited).",
     )

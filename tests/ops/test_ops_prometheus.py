@@ -230,12 +230,6 @@ _NEW_FAMILIES = {
     "moderation_fetch_seconds_count",
     "moderation_decode_seconds_count",
     "moderation_webhook_deliveries_total",
-    "moderation_webhook_attempt_seconds_count",
-    "moderation_review_backlog_items",
-    "moderation_review_oldest_item_age_seconds",
-    "moderation_training_jobs_total",
-    "moderation_training_jobs_running",
-    "moderation_training_job_seconds_count",
 }
 
 

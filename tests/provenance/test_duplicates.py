@@ -168,7 +168,7 @@ def test_override_propagates_to_copies_waiting_for_review(tmp_path: Path, redis_
 def test_copy_of_a_model_decision_reuses_its_score(
     tmp_path: Path, tiny_checkpoint: Path, redis_url: str
 ) -> None:
-    settings = _settings(tmp_path, redis_url)
+    settings = _settings(tmp_path, redis_url).model_copy(update={"duplicate_reuse_model": True})
     store, index = DecisionStore.from_url(redis_url), DuplicateIndex.from_url(redis_url, settings)
     scorer, fetcher = Scorer.load(str(tiny_checkpoint), settings), Fetcher(settings)
     (orig,) = score_events(_events(tmp_path, {"o.jpg": sample(ORIGINAL)}), scorer, fetcher, duplicates=index)

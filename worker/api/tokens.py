@@ -16,6 +16,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
+from worker.keys import Keys
 from worker.records import utcnow
 
 TOKEN_PREFIX = "mod_"
@@ -54,8 +55,8 @@ def _digest(token: str) -> str:
 class TokenStore:
     def __init__(self, client: redis.Redis, namespace: str) -> None:
         self.r: Any = client
-        self.key = f"{namespace}:api:tokens"
-        self.names = f"{namespace}:api:token-names"
+        self.key = Keys(namespace).api_tokens
+        self.names = Keys(namespace).api_token_names
 
     def create(self, name: str, scopes: list[Scope]) -> str:
         """A new token for ``name``; returned once, stored only as its hash."""

@@ -331,7 +331,7 @@ class DecisionStore:
         """
         from worker.delivery.webhook import WebhookQueue
 
-        hooks = WebhookQueue(self.r, self.keys.ns)
+        hooks = WebhookQueue(self.r, self.keys.namespace)
         callback = hooks.callback_of(event_id)
         current: Decision | None = None
         expected = 0

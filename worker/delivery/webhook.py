@@ -42,6 +42,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 from standardwebhooks import Webhook
 
+from worker.keys import Keys
 from worker.records import Decision, utcnow
 from worker.settings import Settings
 
@@ -60,15 +61,17 @@ SECRET_HELP = (
 
 
 class WebhookKeys:
-    def __init__(self, ns: str) -> None:
-        self.due = f"{ns}:webhooks:due"
-        self.jobs = f"{ns}:webhooks:jobs"
-        self.dead = f"{ns}:webhooks:dead"
-        self.outcomes = f"{ns}:webhooks:outcomes"
-        self._ns = ns
+    """The schedule's keys (named in worker/keys.py, in the namespace's hash slot)."""
+
+    def __init__(self, namespace: str) -> None:
+        self._keys = Keys(namespace)
+        self.due = self._keys.webhooks_due
+        self.jobs = self._keys.webhooks_jobs
+        self.dead = self._keys.webhooks_dead
+        self.outcomes = self._keys.webhooks_outcomes
 
     def callback(self, event_id: str) -> str:
-        return f"{self._ns}:webhooks:callback:{event_id}"
+        return self._keys.webhook_callback(event_id)
 
 
 # --- URL policy ---------------------------------------------------------------------------------------

@@ -34,10 +34,6 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _SCORE_BUCKETS = tuple(i / 20 for i in range(1, 21))
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-_TRAINING_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
-
-WEBHOOK_OUTCOMES = ("delivered", "rejected", "failed")
-TRAINING_OUTCOMES = ("published", "gated", "failed")
 
 
 class Metrics:
@@ -128,54 +124,6 @@ class Metrics:
             "moderation_reload_failures", "Model versions refused, by reason.", ["reason"], registry=r
         )
 
-        # --- webhooks -------------------------------------------------------------------------------
-        self.webhook_deliveries = Counter(
-            "moderation_webhook_deliveries",
-            "Webhook deliveries by final outcome: delivered (2xx), rejected (4xx other than 429, not "
-            "retried), failed (retries exhausted on 5xx, 429 or a network error).",
-            ["outcome"],
-            registry=r,
-        )
-        self.webhook_attempt_time = Histogram(
-            "moderation_webhook_attempt_seconds",
-            "Time of one webhook POST attempt, whatever its answer.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-
-        # --- review queue ---------------------------------------------------------------------------
-        self.review_backlog = Gauge(
-            "moderation_review_backlog_items",
-            "Items waiting for a moderator, sampled from the review queue.",
-            registry=r,
-        )
-        self.review_oldest_age = Gauge(
-            "moderation_review_oldest_item_age_seconds",
-            "Age of the oldest item waiting for a moderator (0 when the queue is empty).",
-            registry=r,
-        )
-
-        # --- training jobs --------------------------------------------------------------------------
-        self.training_jobs = Counter(
-            "moderation_training_jobs",
-            "Training jobs finished, by outcome: published, gated (evaluated, refused by the gate), failed.",
-            ["outcome"],
-            registry=r,
-        )
-        self.training_running = Gauge(
-            "moderation_training_jobs_running", "Training jobs running in this process.", registry=r
-        )
-        self.training_time = Histogram(
-            "moderation_training_job_seconds",
-            "Wall time of one training job, from start to its outcome.",
-            buckets=_TRAINING_BUCKETS,
-            registry=r,
-        )
-        for outcome in WEBHOOK_OUTCOMES:
-            self.webhook_deliveries.labels(outcome)
-        for outcome in TRAINING_OUTCOMES:
-            self.training_jobs.labels(outcome)
-
     # --- helpers the pipeline calls ---------------------------------------------------------------------
     def observe_timings(self, timings: Iterable[Mapping[str, float]]) -> None:
         """Stage histograms from decisions' ``timings_ms`` (keys ``fetch`` and ``decode_crop``)."""
@@ -190,7 +138,3 @@ class Metrics:
         self.model_info.info(
             {"version": version, "arch": arch, "crop_size": str(crop_size), "source": source}
         )
-
-    def set_review_backlog(self, items: int, oldest_age_s: float) -> None:
-        self.review_backlog.set(items)
-        self.review_oldest_age.set(max(0.0, oldest_age_s) if items else 0.0)

@@ -444,6 +444,8 @@ class Scorer:
             source="duplicate",
             provenance=prov,
             matched_event=match.matched_event(),
+            priority=event.priority,
+            metadata=event.metadata,
         )
 
     def _concat(self, crops: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray | torch.Tensor:
