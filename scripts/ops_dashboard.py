@@ -173,13 +173,15 @@ ROWS: list[Row] = [
                 "Reloads and reload failures",
                 "timeseries",
                 "short",
-                "Successful model swaps, and versions refused (by reason) in the last hour.",
+                "Successful model swaps, versions refused (by reason), and starts that fell back to an older "
+                "version, in the last hour.",
                 [
                     q("sum(increase(moderation_reloads_total[1h]))", "reloads"),
                     q(
                         "sum by (reason) (increase(moderation_reload_failures_total[1h]))",
                         "failed: {{reason}}",
                     ),
+                    q("sum(increase(moderation_model_fallbacks_total[1h]))", "fell back at start"),
                 ],
             ),
             (
@@ -250,17 +252,10 @@ ROWS: list[Row] = [
                 "delivered (2xx), rejected (4xx, not retried), failed (retries exhausted).",
                 [q(f"sum by (outcome) (rate(moderation_webhook_deliveries_total[{RI}]))", "{{outcome}}")],
             ),
-            (
-                "Webhook attempt time",
-                "timeseries",
-                "s",
-                "One POST to a receiver; slow receivers hold the sender pool.",
-                quantiles("moderation_webhook_attempt_seconds"),
-            ),
         ],
     ),
     (
-        "Review and training",
+        "Review",
         [
             (
                 "Review backlog",

@@ -42,10 +42,17 @@ _TARGET_LABELS = {"instance", "job"}
 
 
 def exported() -> dict[str, set[str]]:
-    """Every series name a worker exposes, mapped to the label names it may carry."""
+    """Every series name the product exposes (a worker, its webhook dispatcher, the review page), mapped to
+    the label names it may carry."""
+    from worker.delivery.webhook import outcome_counter
+    from worker.review.metrics import BacklogCollector
+
     names: dict[str, set[str]] = {}
     metrics = Metrics()
+    outcome_counter(metrics.registry)
     by_name = {getattr(c, "_name", None): c for c in metrics.registry._collector_to_names}
+    for family in BacklogCollector(None).describe():  # type: ignore[arg-type]  # describe reads no store
+        names[family.name] = set()
     for family in metrics.registry.collect():
         collector = by_name.get(family.name)
         labels = set(getattr(collector, "_labelnames", ()))

@@ -177,6 +177,20 @@ return out
 """
 
 
+def outcome_counter(registry: CollectorRegistry) -> Counter:
+    """This process's delivery attempts by outcome, every outcome present from the start (0 until it
+    happens, so a rate() sees the first one)."""
+    counter = Counter(
+        "moderation_webhook_deliveries",
+        "Webhook delivery attempts, by outcome (delivered, retried, dead, refused).",
+        ["outcome"],
+        registry=registry,
+    )
+    for outcome in OUTCOMES:
+        counter.labels(outcome)
+    return counter
+
+
 class WebhookQueue:
     """The Redis-backed schedule: enqueue once per (url, body), claim due jobs with a lease, settle them."""
 
@@ -304,12 +318,7 @@ class Dispatcher:
         timeout = httpx.Timeout(settings.webhook_timeout_s, connect=settings.webhook_connect_timeout_s)
         self.lease_s = settings.webhook_connect_timeout_s + settings.webhook_timeout_s * 2 + 30
         self.client = httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False)
-        self.outcomes = Counter(
-            "moderation_webhook_deliveries",
-            "Webhook delivery attempts, by outcome (delivered, retried, dead, refused).",
-            ["outcome"],
-            registry=registry if registry is not None else CollectorRegistry(),
-        )
+        self.outcomes = outcome_counter(registry if registry is not None else CollectorRegistry())
         self.poll_s = poll_s
         self.wake = threading.Event()
         self._stop = threading.Event()
