@@ -1,7 +1,7 @@
 """Batched JPEG decode on the model's device (nvJPEG on CUDA), for the images where it gives Pillow's pixels.
 
 At 1 megapixel Pillow decodes about 130 images/s per core and one process reaches about 550/s (the GIL), far
-below what one GPU scores; nvJPEG decodes thousands per second (DESIGN.md). So on CUDA a worker reads only the
+below what one GPU scores; nvJPEG decodes thousands per second. So on CUDA a worker reads only the
 JPEG *header* on its decode threads (:func:`plan`: format, mode, size, pixel cap, EXIF orientation, crop
 boxes), and the model thread decodes the whole batch in one ``torchvision.io.decode_jpeg`` call, cuts the
 native crops on the GPU (:func:`worker.media.crops.crop_tensor`) and feeds them to the model without a host
