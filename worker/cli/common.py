@@ -99,6 +99,19 @@ def build_settings(**overrides: Any) -> Settings:
         raise fail(settings_error_message(exc, given)) from None
 
 
+# Third-party packages a role's extra brings, and that extra (the base install is the client).
+_EXTRA_OF = {
+    **dict.fromkeys(
+        ["torch", "torchvision", "timm", "safetensors", "PIL", "numpy", "celery", "kombu"], "worker"
+    ),
+    **dict.fromkeys(["boto3", "botocore", "sentry_sdk", "prometheus_client", "pandas", "pyarrow"], "worker"),
+    **dict.fromkeys(["c2pa", "pdqhash"], "worker"),
+    **dict.fromkeys(["fastapi", "uvicorn", "standardwebhooks"], "api"),
+    **dict.fromkeys(["jinja2", "multipart", "itsdangerous", "argon2"], "review"),
+    **dict.fromkeys(["sklearn", "matplotlib", "tqdm"], "train"),
+}
+
+
 def one_line_error(exc: BaseException) -> tuple[str, int] | None:
     """The message and exit status of a user mistake or missing service; None for a bug (show it)."""
     import redis
@@ -108,6 +121,13 @@ def one_line_error(exc: BaseException) -> tuple[str, int] | None:
         isinstance(exc, SettingsError) or exc.title == Settings.__name__
     ):
         return settings_error_message(exc), EXIT_USAGE
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in _EXTRA_OF:
+        extra = _EXTRA_OF[(exc.name or "").split(".")[0]]
+        return (
+            f"this command needs {exc.name}, which this install lacks; "
+            f"fix: pip install 'moderation[{extra}]'",
+            EXIT_USAGE,
+        )
     if isinstance(exc, RedisNotConfigured):
         return str(exc), EXIT_USAGE
     if isinstance(exc, DeviceUnavailable):

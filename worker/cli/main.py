@@ -138,7 +138,10 @@ def build_app() -> typer.Typer:
     archive.register(app)
     api.register(app)
     for plugin in entry_points(group="moderation.cli"):
-        plugin.load()(app, labels_app)
+        try:
+            plugin.load()(app, labels_app)
+        except ModuleNotFoundError:  # a role's extra is not installed (the client install has no torch)
+            continue
     return app
 
 
