@@ -52,14 +52,14 @@ class AdaptConfig(BaseModel):
     oversample: float | None = Field(None, gt=0, description="Times each new item is seen per epoch.")
     epochs: int | None = Field(None, ge=1, description="Default: a fixed budget of images seen, 5 to 30.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW, cosine, short warmup).")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="Crops per training step.")
     holdout_frac: float = Field(0.2, ge=0, lt=1, description="Share of new items for best-epoch selection.")
     min_per_class: int = Field(MIN_HELDOUT_PER_CLASS, ge=1, description="Per class, to hold a slice out.")
     crop_size: int | None = Field(None, ge=8, description="Default: the init checkpoint's.")
     probe: bool = Field(True, description="Also refit the probe as a second candidate.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed for the split, sampling and augmentation (a run repeats).")
     workers: int = Field(0, ge=0, description="Data loader processes.")
-    device: str = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     progress: bool = Field(False, description="Progress bars.")
 
 

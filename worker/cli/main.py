@@ -87,6 +87,15 @@ EXAMPLES: dict[str, list[str]] = {
     "webhooks dead": ["moderation webhooks dead --count 20"],
     "webhooks replay": ["moderation webhooks replay 1733050000000-0"],
     "webhooks secret": ["moderation webhooks secret"],
+    "schema": ["moderation schema event > event.schema.json", "moderation schema decision"],
+    "adapt": [
+        "moderation adapt -l new-items.csv -o runs/a1 --init-from current --rehearsal-labels labels.csv"
+    ],
+    "calibrate": ["moderation calibrate -c current --overrides-from-redis -o runs/cal --target-fpr 0.01"],
+    "labels build": [
+        "moderation labels build --teacher teacher.parquet --decisions-from-redis --overrides-from-redis "
+        "-o labels.parquet"
+    ],
     "retrain": ["moderation retrain status"],
     "retrain status": ["moderation retrain status --json"],
 }
