@@ -236,9 +236,10 @@ class DecisionStore:
         return self.write_many([decision], [ack])[0]
 
     def write_many(
-        self, decisions: Sequence[Decision], acks: Sequence[Ack | None] | None = None
+        self, decisions: Iterable[Decision], acks: Sequence[Ack | None] | None = None
     ) -> list[bool]:
         """Write a batch in one atomic script; each decision's stream entry (if any) is acked and deleted."""
+        decisions = list(decisions)
         if not decisions:
             return []
         acks = list(acks) if acks is not None else [None] * len(decisions)
