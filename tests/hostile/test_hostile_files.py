@@ -166,7 +166,7 @@ def test_the_cli_reads_the_files_its_user_named_even_with_local_files_off(
         MODERATION_DEVICE="cpu",
         MODERATION_HOME=str(tmp_path / "home"),
     )
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr  # one input failed: score says so in its exit status
     got = [json.loads(line) for line in out.stdout.splitlines()]
     assert [d["verdict"] != "error" for d in got] == [True, True, False]
     assert got[2]["reason"] == "file_not_found"

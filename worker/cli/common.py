@@ -262,3 +262,11 @@ def failed_inputs_exit(decisions: list[Any]) -> None:
         f"{len(failed)} of {len(decisions)} input(s) failed ({why}); fix: see the reason column",
         EXIT_FAILURE,
     )
+
+
+def require_redis(settings: Settings, purpose: str) -> str:
+    """The Redis URL, or the one-line error (also where a command runs without :func:`main`)."""
+    try:
+        return settings.require_redis(purpose)
+    except RedisNotConfigured as exc:
+        raise fail(str(exc)) from None

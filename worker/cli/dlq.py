@@ -9,7 +9,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from worker.cli.common import build_settings, console, err, fail
+from worker.cli.common import build_settings, console, err, fail, require_redis
 from worker.delivery.deadletter import DeadLetter, DeadLetterQueue
 from worker.delivery.store import DecisionStore
 
@@ -30,7 +30,7 @@ AllOpt = Annotated[bool, typer.Option("--all", help="Every entry.")]
 
 def _queue() -> DeadLetterQueue:
     settings = build_settings()
-    redis_url = settings.require_redis("dead letters live in Redis")
+    redis_url = require_redis(settings, "dead letters live in Redis")
     return DeadLetterQueue(DecisionStore.from_url(redis_url, settings.namespace))
 
 
