@@ -226,7 +226,7 @@ class Scorer:
             aggregation=aggregation,
             mean=tuple(mean),
             std=tuple(std),
-            weights_sha256="",
+            weights_sha256="0" * 64,  # in memory: no weights file to hash
         )
         return cls(Checkpoint(manifest=manifest, model=model, path=Path()), settings)
 
