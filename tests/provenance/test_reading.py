@@ -175,4 +175,4 @@ def test_remote_manifest_is_never_fetched(tmp_path: Path, trusted_chain: cr.Chai
     with pytest.raises(c2pa.C2paError):
         c2pa.Reader("image/jpeg", io.BytesIO(data2), context=c2pa.Context.from_dict(control))
     if listener2.settle() == 0:  # seen on hosts whose proxy settings keep the SDK's HTTP client off loopback
-        pytest.skip("the C2PA SDK told to fetch did not reach the loopback listener here: the control is moot")
+        pytest.skip("the C2PA SDK told to fetch did not reach the loopback listener: the control is moot")
