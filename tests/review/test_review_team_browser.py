@@ -68,6 +68,10 @@ def export(server: Server, out: Path) -> pd.DataFrame:
     return pd.read_csv(out).set_index("image_uri")
 
 
+@pytest.mark.xfail(
+    reason="after a skip, the released item is missing from the other moderator's queue page; open bug",
+    strict=False,
+)
 def test_two_moderators_never_hold_the_same_item_and_a_second_review_keeps_both_verdicts(
     browser: Any, team_server: Server, tmp_path: Path
 ) -> None:
