@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.review.conftest import TOKENS, Server
+from tests.review.test_review_security import csrf_in, sign_in
 from worker.delivery.store import (
     ClaimedByOther,
     DecisionStore,
@@ -222,6 +223,36 @@ def test_api_claims_hide_items_from_the_other_moderator(review_server: Server) -
             assert c.delete(f"/api/claims/{e}", headers=h_mia).json() == {"released": True}
         listed = c.get("/api/queue", params={"limit": 500}, headers=h_ada).json()
         assert set(ids) <= {i["decision"]["event_id"] for i in listed["items"]}
+
+
+def test_a_skip_on_the_page_gives_the_item_back_before_its_redirect(review_server: Server) -> None:
+    """The item page's Skip: by the time its 303 arrives, the item is free and on the other moderator's
+    queue, and mia is sent on to an item she now holds (never the one she skipped)."""
+    store = review_server.store
+    h_ada = {"Authorization": f"Bearer {TOKENS['ada']}"}
+    free = [d.event_id for d in review_server.decided.review_items() if store.claim_of(d.event_id) is None]
+    target = free[0]
+    mia = sign_in(review_server, "mia")
+    try:
+        token = csrf_in(mia.get(f"/items/{target}").text)  # opening it claims it
+        assert store.claim_of(target).moderator == "mia"  # type: ignore[union-attr]
+        with httpx.Client(base_url=review_server.url) as c:
+            listed = c.get("/api/queue", params={"limit": 500}, headers=h_ada).json()
+            assert target not in {i["decision"]["event_id"] for i in listed["items"]}
+            r = mia.post(
+                f"/items/{target}/action",
+                data={"action": "skip", "csrf_token": token},
+                headers={"Origin": review_server.url},
+            )
+            assert r.status_code == 303
+            assert store.claim_of(target) is None
+            listed = c.get("/api/queue", params={"limit": 500}, headers=h_ada).json()
+            assert target in {i["decision"]["event_id"] for i in listed["items"]}
+        following = r.headers["location"].removeprefix("/items/")
+        assert following != target and store.claim_of(following).moderator == "mia"  # type: ignore[union-attr]
+    finally:
+        store.release([e for e, c in store.claims().items() if c.moderator == "mia"], "mia")
+        mia.close()
 
 
 def test_metrics_report_the_backlog_and_its_age(review_server: Server) -> None:
