@@ -147,13 +147,19 @@ def load_merged(labels: Path, overrides_file: Path | None, from_redis: bool) -> 
     return (apply_overrides(df, overrides) if overrides else df), report, overrides
 
 
-def redis_overrides() -> list[Any]:
-    from training.labels import overrides_from_store
+def redis_store() -> Any:
+    """The namespace's store on REDIS_URL (a one-line error when it is not set)."""
     from worker.delivery.store import DecisionStore
 
     settings = build_settings()
     redis_url = settings.require_redis("this command reads Redis")
-    return overrides_from_store(DecisionStore.from_url(redis_url, settings.namespace))
+    return DecisionStore.from_url(redis_url, settings.namespace)
+
+
+def redis_overrides() -> list[Any]:
+    from training.labels import overrides_from_store
+
+    return overrides_from_store(redis_store())
 
 
 def labels_report(
@@ -199,7 +205,7 @@ def labels_report(
     if report.bad:
         console.print(f"[yellow]{len(report.bad)} bad rows dropped[/]: {report.by_reason}")
         for b in report.bad[:show_bad]:
-            console.print(f"  {b.describe()}", highlight=False)
+            console.print(f"  {b.describe()}", highlight=False, soft_wrap=True)  # one line each
 
 
 def train_command(
@@ -542,6 +548,16 @@ def labels_build(
     teacher: Annotated[
         Path | None, typer.Option(help="Teacher scores: a labels table (image_uri, ai_score, ...).")
     ] = None,
+    teacher_from_redis: Annotated[
+        bool,
+        typer.Option(
+            "--teacher-from-redis",
+            help="Read teacher scores from the {ns}:teacher stream the teacher appends to. One entry per "
+            "score, fields: image_uri (absolute path or URI), ai_score (probability of AI, 0 to 1), "
+            "optional source, model, group. The latest entry per image wins; malformed entries are "
+            "dropped and listed, one line each with the entry id and the fix.",
+        ),
+    ] = False,
     decisions: Annotated[
         Path | None, typer.Option(help="Decision archive: a Parquet file or folder (model score, version).")
     ] = None,
@@ -551,16 +567,27 @@ def labels_build(
     ] = False,
     overrides_file: OverridesFileOpt = None,
     overrides_from_redis: FromRedisOpt = False,
-    show_bad: Annotated[int, typer.Option(help="How many bad teacher rows to list.")] = 10,
+    show_bad: Annotated[int, typer.Option(help="How many bad teacher rows or entries to list.")] = 10,
 ) -> None:
     """Teacher scores + model decisions + moderator overrides -> one labels table with provenance columns."""
-    from training.build import build_labels, decisions_from_archive, decisions_from_store, write_table
+    from training.build import (
+        build_labels,
+        decisions_from_archive,
+        decisions_from_store,
+        teacher_from_stream,
+        write_table,
+    )
     from training.labels import LabelsError, load_labels, overrides_from_file
 
     if decisions is not None and decisions_from_redis:
         raise fail("give --decisions or --decisions-from-redis, not both")
+    if teacher is not None and teacher_from_redis:
+        raise fail("give --teacher or --teacher-from-redis, not both")
+    stream = None
     try:
         table, report = load_labels(teacher) if teacher else (None, None)
+        if teacher_from_redis:
+            table, stream = teacher_from_stream(redis_store())
         overrides = list(overrides_from_file(overrides_file)) if overrides_file else []
         if overrides_from_redis:
             overrides += redis_overrides()
@@ -568,11 +595,7 @@ def labels_build(
         if decisions is not None:
             dec = decisions_from_archive(decisions)
         elif decisions_from_redis:
-            from worker.delivery.store import DecisionStore
-
-            settings = build_settings()
-            redis_url = settings.require_redis("this command reads Redis")
-            dec = decisions_from_store(DecisionStore.from_url(redis_url, settings.namespace))
+            dec = decisions_from_store(redis_store())
         built = build_labels(table, dec, overrides)
         write_table(built, out)
     except LabelsError as exc:
@@ -580,7 +603,18 @@ def labels_build(
     if report is not None and report.bad:
         console.print(f"[yellow]{len(report.bad)} bad teacher rows dropped[/]: {report.by_reason}")
         for b in report.bad[:show_bad]:
-            console.print(f"  {b.describe()}", highlight=False)
+            console.print(f"  {b.describe()}", highlight=False, soft_wrap=True)  # one line each
+    if stream is not None:
+        again = (
+            f", {stream.superseded} superseded by a later score of the same image"
+            if stream.superseded
+            else ""
+        )
+        console.print(f"{stream.total} teacher entries in {stream.stream}: {stream.valid} images{again}")
+        if stream.bad:
+            console.print(f"[yellow]{len(stream.bad)} bad teacher entries dropped[/]: {stream.by_reason}")
+            for e in stream.bad[:show_bad]:
+                console.print(f"  {e.describe()}", highlight=False, soft_wrap=True)  # one line each
     n_over = int((built["label_source"] == "override").sum())
     with_model = int(built["model_version"].notna().sum())
     console.print(

@@ -18,6 +18,8 @@ Layout (``{ns}`` = ``{`` + ``settings.namespace`` + ``}``)::
     {ns}:second                hash: event_id -> first moderator, for blocked items awaiting a second review
     {ns}:pdq                   stream: perceptual hashes of decided items (near-duplicate reuse), bounded
     {ns}:overrides             stream: append-only audit log of moderator actions
+    {ns}:teacher               stream: teacher scores written by the teacher (``image_uri``, ``ai_score``,
+                               optional ``source``, ``model``, ``group``), read by ``labels build``
     {ns}:deadletter            stream: entries that could not be decided, whole, with the reason
     {ns}:worker:{hostname}     hash: a live worker's heartbeat, with a TTL
     {ns}:webhooks:due          sorted set: callback job ids by due time (the durable retry schedule)
@@ -104,6 +106,10 @@ class Keys:
     @property
     def overrides(self) -> str:
         return f"{self.ns}:overrides"
+
+    @property
+    def teacher(self) -> str:
+        return f"{self.ns}:teacher"
 
     @property
     def deadletter(self) -> str:
