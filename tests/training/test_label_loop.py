@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -68,12 +69,12 @@ def decide(producer: Producer, images: list[Path], prefix: str) -> dict[Path, De
     return {p: got[e.event_id] for p, e in events.items()}
 
 
-def override(server_url: str, mia: object, event_id: str, action: str) -> None:
+def override(server_url: str, mia: httpx.Client, event_id: str, action: str) -> None:
     """What the item page's button sends: the action, the decision version the page showed, the CSRF token."""
-    html = mia.get(f"/items/{event_id}").text  # type: ignore[attr-defined]
+    html = mia.get(f"/items/{event_id}").text
     version = re.search(r'name="version" value="(\d+)"', html)
     assert version, "the item page carries no decision version"
-    r = mia.post(  # type: ignore[attr-defined]
+    r = mia.post(
         f"/items/{event_id}/action",
         data={"action": action, "version": version.group(1), "csrf_token": csrf_in(html)},
         headers={"Origin": server_url},
