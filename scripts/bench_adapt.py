@@ -155,7 +155,17 @@ def main() -> None:
         default=1,
         help="Torch threads (1: a shared CPU loses most of its time to spinning threads otherwise).",
     )
+    ap.add_argument(
+        "--summarize",
+        type=Path,
+        nargs="+",
+        help="Only print the table of these rows*.jsonl files (runs split over several processes).",
+    )
     args = ap.parse_args()
+    if args.summarize:
+        rows = [json.loads(line) for f in args.summarize for line in f.read_text().splitlines() if line]
+        print(markdown(summarize(rows)))
+        return
     adapt_options = dict(kv.split("=", 1) for kv in args.adapt_option)
     data = data_dir()
     if data is None:

@@ -13,6 +13,12 @@ and exports whatever the last epoch gave. Here:
 * a second candidate, the probe refit (the init checkpoint's frozen backbone with a new linear head on the
   same items), costs one forward pass per image and is sometimes the better one on very few labels.
 
+Two gentler variants of the fine-tune are options, off by default: ``lp_ft`` starts it from the refitted
+probe's head instead of the init checkpoint's (LP-FT: a head that already fits the new items moves the
+backbone less), and ``interpolate`` exports a point on the line from the start to the fine-tune's weights
+(WiSE-FT). Both protect what the start knows; on the adaptation benchmark (docs/benchmarks.md) the start is
+already a working detector whose features need to move, and both lost to the plain fine-tune there.
+
 Both candidates are ordinary checkpoints; ``moderation adapt`` sends both through the gate and publishes the
 better passing one only when asked.
 """
