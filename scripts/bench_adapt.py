@@ -16,6 +16,8 @@ Protocol (one source held out as the new domain):
   (Platt scaling on the k items: same ranking as zero-shot by construction, so the same AUC; its balanced
   accuracy at the review threshold shows what it does change).
 * ROC-AUC on the new-domain test set with a 95% bootstrap interval per run, over several seeds.
+* ``--dev`` scores the pool items that were not drawn instead of the test half (k = all has none and is
+  skipped): a recipe is chosen there, and the test half is scored once, with the recipe fixed.
 
     MODERATION_DEV_DATA=/path/to/aigen-dev PYTHONPATH=. .venv/bin/python scripts/bench_adapt.py --out runs/ba
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -47,6 +50,7 @@ from worker.scoring.scorer import Scorer, sigmoid
 from worker.settings import Settings
 
 NEW_AI = "ComfyUI_examples"
+METHODS = ("zero-shot", "calibrate", "today", "adapt")
 
 
 def data_dir() -> Path | None:
@@ -118,15 +122,62 @@ def main() -> None:
     )
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=list(METHODS),
+        help="Which methods run (default: all).",
+    )
+    ap.add_argument(
+        "--adapt-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="An AdaptConfig field for the adapt runs, e.g. lr=1e-4 (repeatable).",
+    )
+    ap.add_argument(
+        "--dev",
+        action="store_true",
+        help="Score the pool items not drawn instead of the test half (for choosing a recipe).",
+    )
+    ap.add_argument("--tag", default="", help="Suffix for run directories and results (variants).")
+    ap.add_argument(
+        "--also-interpolate",
+        type=float,
+        nargs="*",
+        default=[],
+        help="Also score the fine-tune exported at these shares of its weights (no retraining).",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="Torch threads (1: a shared CPU loses most of its time to spinning threads otherwise).",
+    )
+    ap.add_argument(
+        "--summarize",
+        type=Path,
+        nargs="+",
+        help="Only print the table of these rows*.jsonl files (runs split over several processes).",
+    )
     args = ap.parse_args()
+    if args.summarize:
+        rows = [json.loads(line) for f in args.summarize for line in f.read_text().splitlines() if line]
+        print(markdown(summarize(rows)))
+        return
+    adapt_options = dict(kv.split("=", 1) for kv in args.adapt_option)
     data = data_dir()
     if data is None:
         print("no aigen-dev data: set MODERATION_DEV_DATA or put it at ../shared/data/aigen-dev; skipped")
         return
     warnings.simplefilter("ignore")
+    import torch
+
+    torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    settings = Settings(home=out / "home", device="cpu")
+    settings = Settings(home=out / "home", device="cpu", local_roots=[out.resolve()])
     if args.adapt_images:
         import training.adapt
 
@@ -138,8 +189,8 @@ def main() -> None:
     new_split = assign_splits(new.assign(split=None), val_frac=0.0, test_frac=0.4, seed=0)
     test = new_split[new_split["split"] == "test"].reset_index(drop=True)
     pool = new_split[new_split["split"] != "test"].drop(columns=["split"]).reset_index(drop=True)
-    y_test = (test["ai_score"] >= 0.5).astype(int).to_numpy()
-    print(f"old domain {len(old)} items; new domain test {len(test)} ({y_test.sum()} AI), pool {len(pool)}")
+    n_ai = int((test["ai_score"] >= 0.5).sum())
+    print(f"old domain {len(old)} items; new domain test {len(test)} ({n_ai} AI), pool {len(pool)}")
     src = ImageSource(settings)
 
     base_dir = out / "base"
@@ -164,83 +215,132 @@ def main() -> None:
         print(f"base model: {time.perf_counter() - t:.0f} s")
     base = str(base_dir / "checkpoint")
 
-    def test_scores(ckpt: str) -> np.ndarray:
-        return score_uris(Scorer.load(ckpt, settings), list(test["image_uri"]), src)
+    def scores(ckpt: str, uris: list[str]) -> np.ndarray:
+        return score_uris(Scorer.load(ckpt, settings), uris, src)
 
-    zero = test_scores(base)
-    base_raw = raw_logits(base, list(test["image_uri"]), settings, src)
     rows: list[dict[str, Any]] = []
+    suffix = f"-{args.tag}" if args.tag else ""
 
-    def record(method: str, size: str, seed: int, p: np.ndarray, seconds: float) -> None:
+    def record(method: str, size: str, seed: int, y: np.ndarray, p: np.ndarray, seconds: float) -> None:
         row = {
             "method": method,
             "k": size,
             "seed": seed,
             "seconds": round(seconds, 1),
-            **auc_row(y_test, p, args.n_boot),
+            "eval_items": len(y),
+            **auc_row(y, p, args.n_boot),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-        (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / f"rows{suffix}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def fresh(run: Path) -> Path:
+        shutil.rmtree(run, ignore_errors=True)  # a rerun replaces its run directory
+        return run
 
     for seed in args.seeds:
         for size in args.sizes:
             k = None if size == "all" else int(size)
             items = draw(pool, k, seed)
-            items_csv = out / f"new-{size}-s{seed}.csv"
+            evalset = pool[~pool["image_uri"].isin(items["image_uri"])] if args.dev else test
+            if evalset.empty:
+                print(f"k={size}: no pool items left to score with --dev; skipped")
+                continue
+            uris = list(evalset["image_uri"])
+            y = (evalset["ai_score"] >= 0.5).astype(int).to_numpy()
+            items_csv = out / f"new{suffix}-{size}-s{seed}.csv"
             items.to_csv(items_csv, index=False)
-            record("zero-shot", size, seed, zero, 0.0)
+            if "zero-shot" in args.methods or "calibrate" in args.methods:
+                record("zero-shot", size, seed, y, scores(base, uris), 0.0)
 
-            t = time.perf_counter()
-            new_labels, _ = load_labels(items_csv)
-            cal = fit_calibration(
-                raw_logits(base, list(new_labels["image_uri"]), settings, src),
-                (new_labels["ai_score"] >= 0.5).astype(int).to_numpy(),
-                min_items=4,
-            )
-            record("calibrate", size, seed, sigmoid(cal.apply(base_raw)), time.perf_counter() - t)
+            if "calibrate" in args.methods:
+                t = time.perf_counter()
+                new_labels, _ = load_labels(items_csv)
+                cal = fit_calibration(
+                    raw_logits(base, list(new_labels["image_uri"]), settings, src),
+                    (new_labels["ai_score"] >= 0.5).astype(int).to_numpy(),
+                    min_items=4,
+                )
+                p = sigmoid(cal.apply(raw_logits(base, uris, settings, src)))
+                record("calibrate", size, seed, y, p, time.perf_counter() - t)
 
-            t = time.perf_counter()
-            today = TrainConfig(
-                labels=items_csv,
-                out=out / f"today-{size}-s{seed}",
-                init_from=base,
-                epochs=args.today_epochs,
-                batch_size=32,
-                rehearsal_labels=out / "old.csv",
-                rehearsal_size=args.rehearsal,
-                min_heldout_per_class=1,  # the generic recipe's 70/10/20 split of the new items
-                seed=seed,
-                workers=args.workers,
-                device="cpu",
-                progress=False,
-            )
-            res = train(today, settings)
-            assert res is not None
-            record("train --init-from", size, seed, test_scores(str(res.checkpoint)), time.perf_counter() - t)
-
-            t = time.perf_counter()
-            result = adapt(
-                AdaptConfig(
+            if "today" in args.methods:
+                t = time.perf_counter()
+                today = TrainConfig(
                     labels=items_csv,
-                    out=out / f"adapt-{size}-s{seed}",
+                    out=fresh(out / f"today-{size}-s{seed}"),
                     init_from=base,
-                    rehearsal_labels=base_dir,
+                    epochs=args.today_epochs,
+                    batch_size=32,
+                    rehearsal_labels=out / "old.csv",
                     rehearsal_size=args.rehearsal,
+                    min_heldout_per_class=1,  # the generic recipe's 70/10/20 split of the new items
                     seed=seed,
                     workers=args.workers,
                     device="cpu",
-                ),
-                settings,
-            )
-            took = time.perf_counter() - t
-            for c in result.candidates:
-                record(f"adapt:{c.name}", size, seed, test_scores(str(c.checkpoint)), took)
+                    progress=False,
+                )
+                res = train(today, settings)
+                assert res is not None
+                took = time.perf_counter() - t
+                record("train --init-from", size, seed, y, scores(str(res.checkpoint), uris), took)
+
+            if "adapt" in args.methods:
+                t = time.perf_counter()
+                result = adapt(
+                    AdaptConfig.model_validate(
+                        {
+                            "labels": items_csv,
+                            "out": fresh(out / f"adapt{suffix}-{size}-s{seed}"),
+                            "init_from": base,
+                            "rehearsal_labels": base_dir,
+                            "rehearsal_size": args.rehearsal,
+                            "seed": seed,
+                            "workers": args.workers,
+                            "device": "cpu",
+                            **adapt_options,
+                        }
+                    ),
+                    settings,
+                )
+                took = time.perf_counter() - t
+                for c in result.candidates:
+                    record(f"adapt:{c.name}", size, seed, y, scores(str(c.checkpoint), uris), took)
+                    if c.name != "finetune":
+                        continue
+                    for a in args.also_interpolate:
+                        t = time.perf_counter()
+                        variant = with_share(c.checkpoint, a, result.run_dir, base, settings)
+                        took_a = took + time.perf_counter() - t
+                        record(f"adapt:finetune@{a:g}", size, seed, y, scores(str(variant), uris), took_a)
 
     summary = summarize(rows)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+    results = out / f"results{suffix}.json"
+    results.write_text(json.dumps({"rows": rows, "summary": summary, "dev": args.dev}, indent=2))
     print(markdown(summary))
-    print(f"total {time.perf_counter() - t_all:.0f} s; wrote {out}/results.json", file=sys.stderr)
+    print(f"total {time.perf_counter() - t_all:.0f} s; wrote {results}", file=sys.stderr)
+
+
+def with_share(ckpt: Path, share: float, run_dir: Path, base: str, settings: Settings) -> Path:
+    """A copy of the fine-tune exported at ``share`` of the way from its start (what ``interpolate`` does).
+
+    The fine-tune must have been exported at share 1 (``interpolate`` unset), so its weights are the raw
+    fine-tune's.
+    """
+    from training.adapt import export_finetune
+    from worker.scoring.checkpoint import read_manifest
+
+    cfg = AdaptConfig.model_validate_json((run_dir / "adapt.json").read_text())
+    if cfg.interpolate != 1:
+        raise SystemExit("--also-interpolate needs adapt runs with interpolate=1")
+    dst = run_dir / f"finetune@{share:g}"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(ckpt, dst)
+    start = str(run_dir / "probe") if cfg.lp_ft else base
+    export_finetune(
+        dst, start, cfg.model_copy(update={"interpolate": share}), settings, read_manifest(Path(base))
+    )
+    return dst
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

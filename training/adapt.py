@@ -13,6 +13,12 @@ and exports whatever the last epoch gave. Here:
 * a second candidate, the probe refit (the init checkpoint's frozen backbone with a new linear head on the
   same items), costs one forward pass per image and is sometimes the better one on very few labels.
 
+Two gentler variants of the fine-tune are options, off by default: ``lp_ft`` starts it from the refitted
+probe's head instead of the init checkpoint's (LP-FT: a head that already fits the new items moves the
+backbone less), and ``interpolate`` exports a point on the line from the start to the fine-tune's weights
+(WiSE-FT). Both protect what the start knows; on the adaptation benchmark (docs/benchmarks.md) the start is
+already a working detector whose features need to move, and both lost to the plain fine-tune there.
+
 Both candidates are ordinary checkpoints; ``moderation adapt`` sends both through the gate and publishes the
 better passing one only when asked.
 """
@@ -20,18 +26,27 @@ better passing one only when asked.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from training.data import MIN_HELDOUT_PER_CLASS, TrainingWarning, hard_labels
 from training.labels import LabelsError, load_labels
-from training.recipe import TrainConfig, init_uri, rehearsal_table, train
-from worker.scoring.checkpoint import Manifest, fetch_checkpoint, load_checkpoint, read_manifest
+from training.recipe import TrainConfig, init_uri, rehearsal_table, train, with_rehearsal
+from worker.scoring.checkpoint import (
+    Manifest,
+    fetch_checkpoint,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
 from worker.settings import Settings
 
 IMAGES_SEEN = 2400  # per run, whatever the set size: about 10 epochs of 25 items x4 + 140 old ones
@@ -57,6 +72,18 @@ class AdaptConfig(BaseModel):
     min_per_class: int = Field(MIN_HELDOUT_PER_CLASS, ge=1, description="Per class, to hold a slice out.")
     crop_size: int | None = Field(None, ge=8, description="Default: the init checkpoint's.")
     probe: bool = Field(True, description="Also refit the probe as a second candidate.")
+    lp_ft: bool = Field(
+        False, description="Start the fine-tune from the refitted probe's head (LP-FT), not the init head."
+    )
+    interpolate: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of the fine-tuned weights in the export; the rest are the start's (WiSE-FT).",
+    )
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="Layer-wise LR decay: early layers learn slower; None: one LR."
+    )
     seed: int = Field(0, description="Seed for the split, sampling and augmentation (a run repeats).")
     workers: int = Field(0, ge=0, description="Data loader processes.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
@@ -139,33 +166,36 @@ def adapt(cfg: AdaptConfig, settings: Settings) -> AdaptResult:
     base = read_manifest(fetch_checkpoint(uri, settings))
     crop = cfg.crop_size or base.crop_size
     cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "adapt.json").write_text(cfg.model_dump_json(indent=2))
 
     table = split_new(new, cfg)
     train_new = table[table["split"] == "train"]
-    old_train = 0
-    if cfg.rehearsal_labels is not None:
-        old = rehearsal_table(cfg.rehearsal_labels)
-        old_train = int((~old["split"].isin(["test", "val"])).sum())
+    old = rehearsal_table(cfg.rehearsal_labels) if cfg.rehearsal_labels is not None else None
+    old_train = 0 if old is None else int((~old["split"].isin(["test", "val"])).sum())
     rehearsal, over, epochs = plan(len(train_new), cfg, old_train)
     explicit = "weight" in table and (table["weight"] != 1.0).any()
     if not explicit:
         table.loc[table["split"] == "train", "weight"] = over
-    new_csv = cfg.out / "new.csv"
-    table.to_csv(new_csv, index=False)
+    table.to_csv(cfg.out / "new.csv", index=False)
+    if old is not None and rehearsal > 0:
+        table = with_rehearsal(table, old, rehearsal, cfg.seed)
+    train_csv = cfg.out / "train.csv"  # the rows both candidates learn from: new items + rehearsal buffer
+    table.to_csv(train_csv, index=False)
 
+    probe = refit_probe(uri, train_csv, cfg, settings, base, crop) if cfg.probe or cfg.lp_ft else None
+    start = str(probe.checkpoint) if cfg.lp_ft and probe is not None else uri
     tcfg = TrainConfig(
-        labels=new_csv,
+        labels=train_csv,
         out=cfg.out / "finetune",
-        init_from=uri,
+        init_from=start,
         crop_size=crop,
         epochs=epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         warmup_epochs=min(1.0, 0.1 * epochs),
         weight_decay=0.05,
+        layer_decay=cfg.layer_decay,
         clip_grad=1.0,
-        rehearsal_labels=cfg.rehearsal_labels,
-        rehearsal_size=rehearsal if cfg.rehearsal_labels is not None else 0,
         val_frac=0.0,
         test_frac=0.0,
         select_best=bool((table["split"] == "val").any()),
@@ -180,27 +210,61 @@ def adapt(cfg: AdaptConfig, settings: Settings) -> AdaptResult:
     )
     result = train(tcfg, settings)
     assert result is not None and result.manifest is not None
-    candidates = [Candidate("finetune", result.checkpoint, result.manifest)]
-    if cfg.probe:
-        candidates.append(refit_probe(uri, result.run_dir / "splits.csv", cfg, settings, base, crop))
+    manifest = result.manifest
+    if cfg.lp_ft or cfg.interpolate < 1:
+        manifest = export_finetune(result.checkpoint, start, cfg, settings, base)
+    candidates = [Candidate("finetune", result.checkpoint, manifest)]
+    if cfg.probe and probe is not None:
+        candidates.append(probe)
     return AdaptResult(
         run_dir=cfg.out,
         candidates=candidates,
         new_items=len(new),
-        heldout_items=int((table["split"] != "train").sum()),
+        heldout_items=int((table["split"].isin(["val", "test"])).sum()),
         oversample=over,
         rehearsal_size=rehearsal,
         epochs=epochs,
     )
 
 
+def export_finetune(
+    ckpt_dir: Path, start: str, cfg: AdaptConfig, settings: Settings, base: Manifest
+) -> Manifest:
+    """Rewrite the fine-tune's checkpoint in place: weights ``interpolate`` of the way from its start
+    (WiSE-FT: the average of a few-label fine-tune and its start keeps what the start knew and most of what
+    the new items taught, and varies less from seed to seed), parent the init checkpoint (not the probe
+    an LP-FT run started from).
+    """
+    tuned = load_checkpoint(str(ckpt_dir), settings)
+    a = cfg.interpolate
+    if a < 1:
+        start_state = load_checkpoint(start, settings).model.state_dict()
+        with torch.no_grad():
+            for name, t in tuned.model.state_dict().items():
+                if t.is_floating_point():
+                    t.copy_(a * t + (1 - a) * start_state[name])
+    m = tuned.manifest
+    fields = m.model_dump(exclude={"format_version", "version", "created_at", "weights_sha256", "golden"})
+    fields.update(
+        parent_version=base.version,
+        metrics={**m.metrics, "interpolate": a, "lp_ft": cfg.lp_ft},
+        notes=f"{m.notes}; {'LP-FT, ' if cfg.lp_ft else ''}{a:g} of the way from its start",
+    )
+    tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    manifest = save_checkpoint(tuned.model, tmp, **fields)
+    shutil.rmtree(ckpt_dir)
+    os.replace(tmp, ckpt_dir)
+    return manifest
+
+
 def refit_probe(
-    uri: str, splits: Path, cfg: AdaptConfig, settings: Settings, base: Manifest, crop: int
+    uri: str, rows: Path, cfg: AdaptConfig, settings: Settings, base: Manifest, crop: int
 ) -> Candidate:
-    """The init checkpoint's frozen backbone with a new linear head, fitted on the fine-tune's train rows."""
+    """The init checkpoint's frozen backbone with a new linear head, fitted on the train rows of ``rows``."""
     from training.probe import fit_probe, save_probe
 
-    table = pd.read_csv(splits, dtype={"split": str, "group": str, "source": str})
+    table, _ = load_labels(rows)
     ckpt = load_checkpoint(uri, settings)
     result = fit_probe(
         table,

@@ -206,6 +206,13 @@ def rehearsal_table(path: Path) -> pd.DataFrame:
     return old
 
 
+def with_rehearsal(df: pd.DataFrame, old: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
+    """``df`` plus ``size`` old training items (never ones already in ``df``), marked as rehearsal rows."""
+    old = old[~old["image_uri"].isin(df["image_uri"])]
+    buffer = rehearsal_sample(old, size, seed).assign(split="train", weight=1.0, label_source="rehearsal")
+    return pd.concat([df, buffer], ignore_index=True)
+
+
 def build_table(cfg: TrainConfig, overrides: list[Override]) -> pd.DataFrame:
     """Labels + overrides (+ rehearsal buffer), with a split for every row."""
     df, report = load_labels(cfg.labels)
@@ -219,10 +226,7 @@ def build_table(cfg: TrainConfig, overrides: list[Override]) -> pd.DataFrame:
         min_per_class=cfg.min_heldout_per_class,
     )
     if cfg.rehearsal_labels is not None and cfg.rehearsal_size > 0:
-        old = rehearsal_table(cfg.rehearsal_labels)
-        old = old[~old["image_uri"].isin(df["image_uri"])]
-        buffer = rehearsal_sample(old, cfg.rehearsal_size, cfg.seed).assign(split="train", weight=1.0)
-        df = pd.concat([df, buffer.assign(label_source="rehearsal")], ignore_index=True)
+        df = with_rehearsal(df, rehearsal_table(cfg.rehearsal_labels), cfg.rehearsal_size, cfg.seed)
     if cfg.max_items is not None and len(df) > cfg.max_items:
         df = df.sample(n=cfg.max_items, random_state=cfg.seed).sort_index()
     if (df["split"] == "train").sum() == 0:

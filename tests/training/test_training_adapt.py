@@ -182,3 +182,55 @@ def test_adapt_trains_every_new_item_gates_both_candidates_and_publishes_the_bet
     registry = Registry(LocalStore(tmp_path / "home" / "registry"))
     assert registry.current_version() in {read_manifest(p).version for p in ckpts.values()}
     assert "Traceback" not in err
+
+
+def test_adapt_lp_ft_starts_from_the_probe_head_and_interpolate_exports_part_of_the_way(
+    image_set: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from training.adapt import AdaptConfig, adapt
+    from worker.scoring.checkpoint import load_checkpoint
+
+    settings = Settings(home=tmp_path / "home", device="cpu")
+    old = pd.read_csv(image_set).assign(split="train")
+    old.to_csv(tmp_path / "old-splits.csv", index=False)
+    common = {
+        "labels": write_image_set(tmp_path / "new", n=12, size=64, seed=5),
+        "init_from": str(tiny_checkpoint),
+        "rehearsal_labels": tmp_path / "old-splits.csv",
+        "rehearsal_size": 6,
+        "epochs": 1,
+        "batch_size": 8,
+        "device": "cpu",
+        "lp_ft": True,
+    }
+
+    def weights(path: Path) -> dict[str, torch.Tensor]:
+        return load_checkpoint(str(path), settings).model.state_dict()
+
+    def head(state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return next(v for k, v in state.items() if k.endswith("head.fc.weight"))
+
+    # a near-zero learning rate: the exported head is the probe's, not the init checkpoint's
+    still = adapt(AdaptConfig(out=tmp_path / "still", lr=1e-8, **common), settings)
+    ft, probe = (weights(c.checkpoint) for c in still.candidates)
+    assert torch.allclose(head(ft), head(probe), atol=1e-5)
+    assert not torch.allclose(head(ft), head(weights(tiny_checkpoint)), atol=1e-3)
+
+    # interpolate 0.5: every weight halfway between the start (the probe) and the full fine-tune
+    full = adapt(AdaptConfig(out=tmp_path / "full", lr=1e-2, **common), settings)
+    half = adapt(AdaptConfig(out=tmp_path / "half", lr=1e-2, interpolate=0.5, **common), settings)
+    f, p = weights(full.candidates[0].checkpoint), weights(full.candidates[1].checkpoint)
+    h = weights(half.candidates[0].checkpoint)
+    moved = [k for k, v in f.items() if v.is_floating_point() and not torch.allclose(v, p[k], atol=1e-4)]
+    assert len(moved) > len(f) // 2  # the fine-tune went somewhere, so halfway is a real check
+    for k in moved:
+        assert torch.allclose(h[k], (f[k] + p[k]) / 2, atol=1e-5), k
+    m = half.candidates[0].manifest
+    assert m.parent_version == read_manifest(tiny_checkpoint).version  # the init, not the probe it started at
+    assert m.metrics["interpolate"] == 0.5 and m.metrics["lp_ft"] is True
+    Scorer.load(str(half.candidates[0].checkpoint), settings)  # checksum and golden scores validate
+
+    code, out, _ = invoke("adapt", "--help", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert code == 0 and "--lp-ft" in out and "--interpolate" in out and "--layer-decay" in out
