@@ -11,11 +11,11 @@ import pytest
 from tests.core import images
 from worker.errors import CheckpointError, ErrorReason
 from worker.media.fetch import Fetcher
-from worker.records import Event, Verdict
+from worker.records import Decision, Event, Verdict
 from worker.samples import sample_paths
 from worker.scoring.checkpoint import load_checkpoint, upload_checkpoint
 from worker.scoring.scorer import Scorer, score_events
-from worker.settings import Settings
+from worker.settings import CPU_FORWARD_BATCH, Settings
 
 
 def events_for(refs: list[str]) -> list[Event]:
@@ -166,3 +166,32 @@ def test_multi_crop_records_boxes_and_deciding_crop(tiny_checkpoint: Path, tmp_p
     assert len(d.crops) == 4
     assert d.deciding_crop is not None
     assert d.ai_score == pytest.approx(max(c.ai_score for c in d.crops))
+
+
+def test_cpu_forward_passes_are_split_and_score_as_one_pass(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A model call over many crops runs as several CPU forward passes; the scores do not depend on it."""
+    refs = [str(p) for p in sample_paths()]
+    for i in range(3):
+        (tmp_path / f"wide{i}.png").write_bytes(images.png(300 + 40 * i, 150, 9 + i))
+        refs.append(str(tmp_path / f"wide{i}.png"))
+
+    def run(**over: object) -> tuple[list[int], list[Decision]]:
+        settings = Settings(device="cpu", num_crops=4, max_batch=64, **over)  # type: ignore[arg-type]
+        scorer = Scorer.load(str(tiny_checkpoint), settings)
+        passes: list[int] = []
+        scorer.model.register_forward_pre_hook(lambda _m, args: passes.append(len(args[0])))
+        return passes, score_events(events_for(refs), scorer, Fetcher(settings))
+
+    one_passes, one = run(forward_batch=64)
+    split_passes, split = run(forward_batch=5)
+    default_passes, default = run()
+    n_crops = sum(len(d.crops) for d in one)
+    assert n_crops > CPU_FORWARD_BATCH  # enough crops that the default splits too
+    assert one_passes == [n_crops]
+    assert max(split_passes) <= 5 and sum(split_passes) == n_crops
+    assert max(default_passes) == CPU_FORWARD_BATCH and sum(default_passes) == n_crops
+    for a, b, c in zip(one, split, default, strict=True):
+        assert a.verdict != Verdict.ERROR
+        assert b.ai_score == pytest.approx(a.ai_score, abs=1e-5)
+        assert c.ai_score == pytest.approx(a.ai_score, abs=1e-5)
+        assert [x.ai_score for x in b.crops] == pytest.approx([x.ai_score for x in a.crops], abs=1e-5)
