@@ -21,8 +21,9 @@ import httpx
 import pytest
 import uvicorn
 
-from tests.conftest import free_port
 from worker.delivery.store import DecisionStore
+from worker.keys import Keys
+from worker.process.localredis import free_port
 from worker.records import Decision, Thresholds, Verdict
 from worker.review.app import create_app
 from worker.review.auth import hash_password
@@ -112,7 +113,7 @@ def test_concurrent_guesses_do_not_race_past_the_limit(page: Page) -> None:
     free = page.settings.review_login_free_attempts
     # Exactly ``free`` attempts were let through to a password check (some of those may still have been
     # turned away for a busy verifier); every other guess was refused before any check.
-    counted = page.store.r.hget(f"{page.settings.namespace}:review:login:client:10.7.7.7", "n")
+    counted = page.store.r.hget(Keys(page.settings.namespace).login_client("10.7.7.7"), "n")
     assert int(counted) == free
     assert 1 <= codes.count(401) <= free and codes.count(401) + codes.count(429) == 40
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner, Result
 
 from tests.conftest import run_cli, subprocess_env
 from worker.cli.main import app
-from worker.lifecycle.reload import ModelKeys
+from worker.keys import Keys
 from worker.lifecycle.shadow import Comparison, record
 from worker.records import Decision, Verdict
 from worker.scoring.checkpoint import read_manifest
@@ -39,7 +39,7 @@ def test_publish_promote_rollback_models_and_notifications(
     a, b = read_manifest(ckpt_a).version, read_manifest(ckpt_b).version
     client = redis.Redis.from_url(redis_url)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(ModelKeys("moderation").channel)
+    pubsub.subscribe(Keys("moderation").model_channel)
     env = {"MODERATION_REGISTRY": reg, "REDIS_URL": redis_url}
 
     out = cli("publish", str(ckpt_a), "--promote", "--by", "alice", **env)
@@ -72,7 +72,7 @@ def test_publish_promote_rollback_models_and_notifications(
     assert (rows[b]["action"], rows[b]["promoted_by"]) == ("promote", "bob")
     assert rows[a]["refused"] is None
 
-    client.hset(ModelKeys("moderation").refused, b, json.dumps({"reason": "golden", "worker": "w1"}))
+    client.hset(Keys("moderation").model_refused, b, json.dumps({"reason": "golden", "worker": "w1"}))
     table = cli("models", **env)
     assert table.exit_code == 0, table.output
     assert a in table.output and b in table.output and "rollback by carol" in table.output
@@ -110,7 +110,7 @@ def test_shadow_start_report_stop(reg: str, redis_url: str, ckpt_a: Path, ckpt_b
     assert cli("publish", str(ckpt_b), **env).exit_code == 0
     b = read_manifest(ckpt_b).version
     client = redis.Redis.from_url(redis_url)
-    keys = ModelKeys("moderation")
+    keys = Keys("moderation")
 
     assert cli("shadow", "start", "nope", **env).exit_code == 2  # typo refused before workers see it
     out = cli("shadow", "start", b, **env)

@@ -24,7 +24,6 @@ from worker.cli.main import app
 from worker.ingress.producer import Producer
 from worker.keys import Keys
 from worker.lifecycle.registry import Registry
-from worker.lifecycle.reload import ModelKeys
 from worker.records import Decision, Event, Verdict
 from worker.settings import Settings
 
@@ -161,7 +160,7 @@ def test_shadow_then_promote_then_rollback_under_load_without_restart(
 
         # Shadow mode first: b scores live batches next to a, deciding nothing.
         cli("shadow", "start", b, env=env)
-        stats = ModelKeys("moderation").shadow_stats(b)
+        stats = Keys("moderation").shadow_stats(b)
         wait_until(lambda: int(client.hget(stats, "events") or 0) >= 20, 30, "shadow statistics", w)
         report = json.loads(cli("shadow", "report", "--json", env=env))
         assert report["version"] == b and 0.0 <= report["agreement"] <= 1.0 and report["latency_ratio"] > 0
@@ -202,7 +201,7 @@ def test_corrupted_and_mismatched_versions_are_refused_under_load(
     corrupt(registry, reg_settings, c)  # weights bytes changed after publishing
     bad = registry.publish(ckpt_bad_golden).version  # golden scores the weights do not reproduce
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    refused_key = ModelKeys("moderation").refused
+    refused_key = Keys("moderation").model_refused
     with running_worker(redis_url, tmp_path / "w", env=env) as w, Load(producer, image_dir) as load:
         pid = w.pid
         wait_until(decided_with(load, a, 10), 60, "decisions by a", w)
