@@ -200,13 +200,13 @@ def distances(threshold: int, min_quality: int) -> None:
     )
     for t in (16, 24, 31, 40, 50, 60):
         print(f"  pairs at distance <= {t}: {int((pair_d <= t).sum())}")
-    closest = []
+    closest: list[tuple[int, str, str]] = []
     for i in range(n - 1):
         d = np.bitwise_count(packed[i + 1 :] ^ packed[i]).sum(axis=1)
         j = int(d.argmin())
         closest.append((int(d[j]), names[i], names[i + 1 + j]))
-    for dist, a, b in sorted(closest)[:5]:
-        print(f"  closest: {dist} {a} ~ {b}")
+    for dist, first, second in sorted(closest)[:5]:
+        print(f"  closest: {dist} {first} ~ {second}")
 
 
 def main() -> None:
