@@ -13,10 +13,10 @@ import httpx
 import pytest
 import uvicorn
 
-from tests.conftest import free_port
 from tests.provenance import credentials as cr
 from worker.delivery.store import DecisionStore
 from worker.media.provenance import ProvenanceReader
+from worker.process.localredis import free_port
 from worker.records import Decision, MatchedEvent, Verdict
 from worker.review.app import create_app
 from worker.review.auth import User, hash_password, write_user

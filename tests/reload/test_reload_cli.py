@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import redis
 from typer.testing import CliRunner, Result
 
 from tests.conftest import run_cli, subprocess_env
+from tests.waiting import eventually
 from worker.cli.main import app
 from worker.keys import Keys
 from worker.lifecycle.shadow import Comparison, record
@@ -52,11 +52,14 @@ def test_publish_promote_rollback_models_and_notifications(
     out = cli("rollback", "--by", "carol", **env)
     assert out.exit_code == 0 and f"current is now {a}" in out.output, out.output
 
-    messages = []
-    deadline = time.monotonic() + 5
-    while len(messages) < 3 and time.monotonic() < deadline:
+    messages: list[dict[str, str]] = []
+
+    def three_notifications() -> list[dict[str, str]]:
         if (m := pubsub.get_message(timeout=0.5)) is not None:
             messages.append(json.loads(m["data"]))
+        return messages if len(messages) >= 3 else []
+
+    eventually(three_notifications, "three notifications", 5)
     assert [(m["action"], m["version"], m["by"]) for m in messages] == [
         ("promote", a, "alice"),
         ("promote", b, "bob"),

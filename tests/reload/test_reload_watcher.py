@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from tests.core.images import jpeg
+from tests.waiting import eventually
 from worker.errors import CheckpointError
 from worker.keys import Keys
 from worker.lifecycle.registry import Registry
@@ -47,11 +48,7 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
+    eventually(pred, "the condition", timeout, interval=0.02)
 
 
 def failures(metrics: Metrics, reason: str) -> float:

@@ -21,11 +21,11 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from tests.conftest import free_port
 from tests.worker_proc import running_worker
 from worker.delivery.store import DecisionStore
 from worker.ingress.producer import Producer
 from worker.lifecycle.registry import open_registry
+from worker.process.localredis import free_port
 from worker.records import Decision, Thresholds, Verdict
 from worker.review.app import create_app
 from worker.review.auth import User, hash_password, token_digest, write_user
