@@ -8,7 +8,6 @@ session server-side, so a copied cookie stops working; event ids that look like 
 from __future__ import annotations
 
 import re
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,11 +18,10 @@ from urllib.parse import quote, unquote
 
 import httpx
 import pytest
-import uvicorn
 
+from tests.served import served
 from worker.delivery.store import DecisionStore
 from worker.keys import Keys
-from worker.process.localredis import free_port
 from worker.records import Decision, Thresholds, Verdict
 from worker.review.app import create_app
 from worker.review.auth import hash_password
@@ -41,21 +39,8 @@ class Page:
 
 def serve(settings: Settings) -> Iterator[Page]:
     store = DecisionStore.from_url(settings.redis_url or "", settings.namespace)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, store), host="127.0.0.1", port=free_port(), log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "review server did not start"
-        time.sleep(0.02)
-    port = server.config.port
-    try:
-        yield Page(f"http://127.0.0.1:{port}", settings, store)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with served(create_app(settings, store)) as url:
+        yield Page(url, settings, store)
 
 
 @pytest.fixture
