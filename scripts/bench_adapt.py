@@ -353,9 +353,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "k": k,
                 "mean_auc": round(float(g["roc_auc"].mean()), 3),
                 "per_seed": [
-                    f"{r.roc_auc:.2f} [{r.low:.2f}, {r.high:.2f}]"
-                    for r in g.itertuples()
-                    if r.low is not None
+                    f"{float(r['roc_auc']):.2f} [{float(r['low']):.2f}, {float(r['high']):.2f}]"
+                    for r in g.to_dict("records")
+                    if r["low"] is not None
                 ],
                 "balanced_acc": round(float(g["balanced_acc_at_0.5"].mean()), 3),
                 "seconds": round(float(g["seconds"].mean()), 0),

@@ -151,7 +151,7 @@ def dev_data() -> Path | None:
     return None
 
 
-def distances(threshold: int) -> None:
+def distances(threshold: int, min_quality: int) -> None:
     data = dev_data()
     if data is None:
         print("aigen-dev not found (MODERATION_DEV_DATA or ../shared/data/aigen-dev): distances skipped")
@@ -171,7 +171,7 @@ def distances(threshold: int) -> None:
         raw = f.read_bytes()
         h = pdq_hash(raw, 0)
         assert h is not None
-        if h[1] < Settings().duplicate_min_quality:
+        if h[1] < min_quality:
             flat += 1
         hashes.append(h[0])
         names.append(f"{f.parent.name}/{f.name}")
@@ -200,25 +200,26 @@ def distances(threshold: int) -> None:
     )
     for t in (16, 24, 31, 40, 50, 60):
         print(f"  pairs at distance <= {t}: {int((pair_d <= t).sum())}")
-    closest = []
+    closest: list[tuple[int, str, str]] = []
     for i in range(n - 1):
         d = np.bitwise_count(packed[i + 1 :] ^ packed[i]).sum(axis=1)
         j = int(d.argmin())
         closest.append((int(d[j]), names[i], names[i + 1 + j]))
-    for d, a, b in sorted(closest)[:5]:
-        print(f"  closest: {d} {a} ~ {b}")
+    for dist, first, second in sorted(closest)[:5]:
+        print(f"  closest: {dist} {first} ~ {second}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--index-sizes", type=int, nargs="*", default=[10_000, 200_000])
-    ap.add_argument("--threshold", type=int, default=Settings().duplicate_threshold)
+    defaults = Settings()
+    ap.add_argument("--threshold", type=int, default=defaults.duplicate_threshold)
     ap.add_argument("--skip-costs", action="store_true")
     args = ap.parse_args()
     if not args.skip_costs:
         costs(args.repeat, args.index_sizes)
-    distances(args.threshold)
+    distances(args.threshold, defaults.duplicate_min_quality)
 
 
 if __name__ == "__main__":

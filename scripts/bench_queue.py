@@ -286,9 +286,12 @@ def main() -> None:
         if not args.checkpoint:
             init_checkpoint(args.arch, ckpt, crop_size=args.crop_size, seed=0)
         paths = make_images(tmp, args.distinct_images, args.megapixels)
-        mk = lambda tag: [  # noqa: E731
-            Event(item_id=f"{tag}{i}", image_uri=str(paths[i % len(paths)])) for i in range(args.events)
-        ]
+
+        def mk(tag: str) -> list[Event]:
+            return [
+                Event(item_id=f"{tag}{i}", image_uri=str(paths[i % len(paths)])) for i in range(args.events)
+            ]
+
         scorer = Scorer.load(ckpt, settings)
         res: dict[str, object] = {
             "arch": scorer.manifest.arch,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import os
 import random
 import signal
@@ -28,7 +27,6 @@ import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,21 +40,6 @@ from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 TTL_ENV = "MODERATION_RECORD_TTL_S"
-
-
-def make_store(client: redis.Redis, settings: Settings) -> DecisionStore:
-    """The store as the worker builds it, with the record TTL from settings wherever the store takes it."""
-    if hasattr(DecisionStore, "from_settings"):
-        return DecisionStore.from_settings(settings)  # type: ignore[attr-defined, no-any-return]
-    params = inspect.signature(DecisionStore).parameters
-    kwargs: dict[str, Any] = {}
-    ttl = getattr(settings, "record_ttl_s", None)
-    for name in ("record_ttl_s", "ttl_s", "ttl"):
-        if name in params and ttl is not None:
-            kwargs[name] = ttl
-    if "settings" in params:
-        kwargs["settings"] = settings
-    return DecisionStore(client, settings.namespace, **kwargs)
 
 
 def decision(i: int, rng: random.Random) -> Decision:
@@ -112,10 +95,13 @@ def main() -> int:
         url = os.environ.get("REDIS_URL") or stack.enter_context(private_redis(tmp / "redis"))
         settings = Settings(redis_url=url, home=tmp / "home")
         client = redis.Redis.from_url(url, decode_responses=True)
-        store = make_store(client, settings)
+        store = DecisionStore(
+            client,
+            settings.namespace,
+            ttl_s=settings.record_ttl_s,
+            decisions_maxlen=settings.decisions_maxlen,
+        )
         archive = args.archive or str(tmp / "archive")
-        if "record_ttl_s" not in Settings.model_fields:
-            print(f"note: Settings has no record_ttl_s field yet; {TTL_ENV} is ignored", flush=True)
 
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -133,7 +119,12 @@ def main() -> int:
             stdout=(tmp / "archiver.log").open("wb"),
             stderr=subprocess.STDOUT,
         )
-        stack.callback(lambda: archiver.poll() is None and archiver.kill())
+
+        def stop_archiver() -> None:
+            if archiver.poll() is None:
+                archiver.kill()
+
+        stack.callback(stop_archiver)
 
         samples: list[tuple[float, int, int, int, int]] = []  # t, used_memory, written, keys, stream length
         written = [0]
@@ -247,16 +238,13 @@ def wait_archived(client: redis.Redis, store: DecisionStore, timeout: float) -> 
 
 def bytes_per_decision(client: redis.Redis, store: DecisionStore) -> dict[str, float]:
     """MEMORY USAGE of the newest records and of the decisions stream per entry."""
-    entries = client.xrevrange(store.keys.decisions, count=50)
-    ids = [f["event_id"] for _, f in entries if "event_id" in f]
+    ids = list(dict.fromkeys(e for _, e, _ in store.recent_decisions(count=50) if e))
     out: dict[str, float] = {}
-    rec = [client.memory_usage(store.keys.decision(e)) for e in ids]
-    rec = [r for r in rec if r]
+    rec = [r for r in (client.memory_usage(store.keys.decision(e)) for e in ids) if r]
     if rec:
         out["decision record"] = sum(rec) / len(rec)
-    items = [store.get(e) for e in ids]
-    item_use = [client.memory_usage(store.keys.item(d.item_id)) for d in items if d is not None]
-    item_use = [u for u in item_use if u]
+    items = [d for d in (store.get(e) for e in ids) if d is not None]
+    item_use = [u for u in (client.memory_usage(store.keys.item(d.item_id)) for d in items) if u]
     if item_use:
         out["item record"] = sum(item_use) / len(item_use)
     length = client.xlen(store.keys.decisions)
@@ -269,7 +257,7 @@ def bytes_per_decision(client: redis.Redis, store: DecisionStore) -> dict[str, f
 def plot(
     samples: list[tuple[float, int, int, int, int]],
     done_s: float,
-    args: Any,
+    args: argparse.Namespace,
     retention: float,
     ttl_applied: bool,
     png: Path,

@@ -348,7 +348,9 @@ ROWS: list[Row] = [
 ]
 
 
-def panel(pid: int, x: int, y: int, w: int, spec: tuple[str, str, str, str, list[dict[str, Any]]]) -> dict:
+def panel(
+    pid: int, x: int, y: int, w: int, spec: tuple[str, str, str, str, list[dict[str, Any]]]
+) -> dict[str, Any]:
     title, kind, unit, description, targets = spec
     p: dict[str, Any] = {
         "id": pid,

@@ -32,6 +32,7 @@ from worker.scoring.checkpoint import (
     fetch_checkpoint,
     make_version,
     read_manifest,
+    sigmoid,
 )
 from worker.settings import Settings
 
@@ -111,7 +112,7 @@ def calibrate_labels(
     y = hard_labels(items["ai_score"])
     z = raw_logits(uri, list(items["image_uri"]), settings)
     cal = fit_calibration(z, y, min_items=min_items)
-    p = 1.0 / (1.0 + np.exp(-np.asarray(cal.apply(z), dtype=float)))
+    p = sigmoid(cal.apply(z))
     thresholds = choose_thresholds(
         p, y, base.thresholds, target_precision=target_precision, target_fpr=target_fpr
     )

@@ -642,7 +642,7 @@ def _adapt(values: dict[str, Any], extras: dict[str, Any]) -> None:
     from pydantic import ValidationError
 
     from training.adapt import AdaptConfig, adapt
-    from training.gate import GatePolicy, gate, publish_if_passed
+    from training.gate import GatePolicy, GateResult, gate, publish_if_passed
     from training.labels import LabelsError, load_labels, overrides_from_file, regression_set
     from training.pretrained import PretrainedError
     from training.recipe import rehearsal_table
@@ -697,9 +697,10 @@ def _adapt(values: dict[str, Any], extras: dict[str, Any]) -> None:
     if not passing:
         raise fail("no candidate passed the gate; nothing published", code=3)
 
-    def auc_of(g: Any) -> float:
+    def auc_of(g: GateResult) -> float:
         return max(
-            [ch.candidate for ch in g.checks if ch.name == "heldout_roc_auc" and ch.candidate] or [0.0]
+            [ch.candidate for ch in g.checks if ch.name == "heldout_roc_auc" and ch.candidate is not None]
+            or [0.0]
         )
 
     best, best_gate = max(passing, key=lambda cg: auc_of(cg[1]))

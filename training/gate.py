@@ -86,11 +86,12 @@ def _r(x: float | None) -> float | None:
 
 def auc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
     """ROC-AUC of each row of ``s`` against the matching row of labels ``y`` (Mann-Whitney, ties halved)."""
-    ranks = rankdata(s, axis=-1)
+    ranks: np.ndarray = rankdata(s, axis=-1)
     pos = y.sum(axis=-1)
     neg = y.shape[-1] - pos
     with np.errstate(invalid="ignore", divide="ignore"):
-        return ((ranks * y).sum(axis=-1) - pos * (pos + 1) / 2) / (pos * neg)
+        auc: np.ndarray = ((ranks * y).sum(axis=-1) - pos * (pos + 1) / 2) / (pos * neg)
+    return auc
 
 
 def paired_bootstrap(

@@ -1,10 +1,7 @@
 """Retraining as a job: a Celery task on its own ``{ns}.training`` queue, with status in Redis.
 
-Keys (``ns`` = settings.namespace)::
-
-    {ns}:training:{job_id}   hash: state, submitted_at, started_at, finished_at, request, run_dir, version,
-                             report (JSON), gate (JSON), error
-    {ns}:training:jobs       sorted set of job ids by submission time (newest last)
+Status lives in ``Keys.training_job`` (a hash: state, submitted_at, started_at, finished_at, request,
+run_dir, version, report and gate as JSON, error) and ``Keys.training_jobs`` (job ids by submission time).
 
 Training runs on a separate queue consumed by a separate worker (``moderation train-worker``, solo pool, one
 job at a time) so a retrain never competes with decisions for a worker slot, and scoring workers never import
@@ -25,6 +22,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from training.gate import GatePolicy
+from worker.keys import Keys
 from worker.records import utcnow
 from worker.settings import Settings
 
@@ -46,7 +44,7 @@ class JobRequest(BaseModel):
 class JobStore:
     def __init__(self, client: redis.Redis, namespace: str) -> None:
         self.r: Any = client
-        self.ns = namespace
+        self.keys = Keys(namespace)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
@@ -54,11 +52,11 @@ class JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True), settings.namespace)
 
     def key(self, job_id: str) -> str:
-        return f"{self.ns}:training:{job_id}"
+        return self.keys.training_job(job_id)
 
     @property
     def index(self) -> str:
-        return f"{self.ns}:training:jobs"
+        return self.keys.training_jobs
 
     def create(self, request: JobRequest) -> str:
         job_id = uuid.uuid4().hex[:12]

@@ -58,7 +58,7 @@ from worker.scoring.checkpoint import (
     save_checkpoint,
 )
 from worker.scoring.model import create_model, data_config
-from worker.settings import Settings
+from worker.settings import Settings, resolve_device
 
 STATE = "state.pt"
 
@@ -155,8 +155,8 @@ def init_distributed(device: str) -> Dist:
     return Dist(rank, world, local)
 
 
-def resolve_device(cfg: TrainConfig, d: Dist) -> str:
-    dev = Settings(device=cfg.device).resolved_device()
+def train_device(cfg: TrainConfig, d: Dist) -> str:
+    dev = resolve_device(cfg.device)
     if dev == "cuda" and d.world > 1:
         return f"cuda:{d.local_rank}"
     return dev
@@ -438,7 +438,7 @@ def seed_everything(seed: int) -> None:
 
 def train(
     cfg: TrainConfig,
-    settings: Settings | None = None,
+    settings: Settings,
     *,
     overrides: list[Override] | None = None,
     resume: bool = False,
@@ -449,10 +449,9 @@ def train(
     ``stop_after`` ends this invocation after that many epochs with the state saved (time-boxed jobs on
     preemptible machines); ``resume=True`` continues exactly where it stopped, data order included.
     """
-    settings = settings or Settings()
     run = cfg.out
-    d = init_distributed(Settings(device=cfg.device).resolved_device())
-    device = resolve_device(cfg, d)
+    d = init_distributed(resolve_device(cfg.device))
+    device = train_device(cfg, d)
     seed_everything(cfg.seed + d.rank)
     state_path = run / STATE
     if resume:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
@@ -81,8 +82,8 @@ def pink_noise(size: int, rng: np.random.Generator) -> np.ndarray:
     shape = (3, size, size // 2 + 1)
     spec = (rng.standard_normal(shape, np.float32) + 1j * rng.standard_normal(shape, np.float32)) / f
     spec[:, 0, 0] = 0.0
-    x = np.fft.irfft2(spec, s=(size, size)).transpose(1, 2, 0)
-    return (x - x.mean()) / (x.std() + 1e-9)
+    x: npt.NDArray[np.float64] = np.fft.irfft2(spec, s=(size, size)).transpose(1, 2, 0)
+    return (x - float(x.mean())) / (float(x.std()) + 1e-9)
 
 
 def _to_image(x: np.ndarray, contrast: float) -> Image.Image:
@@ -122,7 +123,8 @@ def native_view(crop: int) -> View:
     def view(img: Image.Image, rng: random.Random, train: bool) -> np.ndarray:
         if train:
             return training_crop(img, crop, rng)
-        return inference_crops(img, CropSpec(crop, 1))[0][0]
+        crops, _ = inference_crops(img, CropSpec(crop, 1))
+        return np.asarray(crops[0])
 
     return view
 

@@ -29,6 +29,15 @@ Layout (``{ns}`` = ``{`` + ``settings.namespace`` + ``}``)::
     {ns}:webhooks:callback:{event_id}  the callback URL an event asked for (for its final verdict)
     {ns}:api:tokens            hash: sha256 of an API token -> its name and scopes
     {ns}:api:token-names       hash: token name -> sha256
+    {ns}:model                 pub/sub channel: "current moved" or "shadow changed"; a hint, never the truth
+    {ns}:shadow                string: the version to shadow, absent when shadow mode is off
+    {ns}:shadow:{version}      hash: shadow comparison counts of one version (worker.lifecycle.shadow)
+    {ns}:model:refused         hash: version -> JSON {reason, detail, worker, at} of the last refusal
+    {ns}:review:session:{sid}  a review page session's moderator name, TTL the session's max age
+    {ns}:review:login:client:{address}  hash: failed sign-ins from one client address (the throttle)
+    {ns}:review:login:name:{digest}     hash: failed sign-ins for one account name (sha256 prefix)
+    {ns}:training:{job_id}     hash: one training job's state (training.jobs)
+    {ns}:training:jobs         sorted set: training job ids by submission time
 
 Consumer groups: ``workers`` on the two event streams (every ``moderation worker``), ``archiver`` on the
 decisions stream. Celery (the training queue, remote control) keeps its own list-based queues
@@ -146,6 +155,40 @@ class Keys:
     @property
     def api_token_names(self) -> str:
         return f"{self.ns}:api:token-names"
+
+    # --- models -----------------------------------------------------------------------------------
+    @property
+    def model_channel(self) -> str:
+        return f"{self.ns}:model"
+
+    @property
+    def shadow(self) -> str:
+        return f"{self.ns}:shadow"
+
+    def shadow_stats(self, version: str) -> str:
+        return f"{self.ns}:shadow:{version}"
+
+    @property
+    def model_refused(self) -> str:
+        return f"{self.ns}:model:refused"
+
+    # --- review page ------------------------------------------------------------------------------
+    def review_session(self, sid: str) -> str:
+        return f"{self.ns}:review:session:{sid}"
+
+    def login_client(self, address: str) -> str:
+        return f"{self.ns}:review:login:client:{address}"
+
+    def login_name(self, digest: str) -> str:
+        return f"{self.ns}:review:login:name:{digest}"
+
+    # --- training jobs ----------------------------------------------------------------------------
+    def training_job(self, job_id: str) -> str:
+        return f"{self.ns}:training:{job_id}"
+
+    @property
+    def training_jobs(self) -> str:
+        return f"{self.ns}:training:jobs"
 
     # --- workers ----------------------------------------------------------------------------------
     def worker(self, hostname: str) -> str:

@@ -350,21 +350,7 @@ class Settings(BaseSettings):
 
     def resolved_device(self) -> str:
         """The torch device to use; a CUDA device this host does not have is a :class:`DeviceUnavailable`."""
-        import torch
-
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise DeviceUnavailable(
-                    f"device {self.device} requested but this host has no usable CUDA GPU"
-                )
-            index = int(self.device.split(":", 1)[1]) if ":" in self.device else 0
-            if index >= torch.cuda.device_count():
-                raise DeviceUnavailable(
-                    f"device {self.device} requested but this host has {torch.cuda.device_count()} GPU(s)"
-                )
-        return self.device
+        return resolve_device(self.device)
 
     @property
     def default_registry(self) -> str:
@@ -399,6 +385,23 @@ class Settings(BaseSettings):
             env_file_encoding=getattr(dotenv_settings, "env_file_encoding", None),
         )
         return init_settings, _CommaListEnv(settings_cls), dotenv, file_secret_settings
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` made concrete; a CUDA device this host does not have is a :class:`DeviceUnavailable`."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"device {device} requested but this host has no usable CUDA GPU")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailable(
+                f"device {device} requested but this host has {torch.cuda.device_count()} GPU(s)"
+            )
+    return device
 
 
 class DeviceUnavailable(RuntimeError):

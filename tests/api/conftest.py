@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import run_cli, subprocess_env
+from tests.waiting import eventually
 from worker.process.localredis import free_port
 
 
@@ -51,19 +51,20 @@ def running_api(redis_url: str, log_dir: Path, **env: str) -> Iterator[ApiProc]:
             stderr=subprocess.STDOUT,
         )
     api = ApiProc(proc, f"http://127.0.0.1:{port}", log_path)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"api exited with {proc.returncode}:\n{api.log()[-4000:]}")
+        try:
+            return httpx.get(f"{api.url}/healthz", timeout=2, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"api exited with {proc.returncode}:\n{api.log()[-4000:]}")
-            try:
-                if httpx.get(f"{api.url}/healthz", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"api not up after 60 s:\n{api.log()[-4000:]}")
-            time.sleep(0.1)
+        try:
+            eventually(up, "the api's /healthz", 60)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{api.log()[-4000:]}") from None
         yield api
     finally:
         proc.terminate()
@@ -86,15 +87,3 @@ def make_token(redis_url: str, tmp_path: Path) -> Callable[[str, str], str]:
         return done.stdout.strip()
 
     return make
-
-
-def eventually(check: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
-    """Poll ``check`` until it returns something truthy (not a timing assertion: the timeout ends a hang)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.1)

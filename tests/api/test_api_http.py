@@ -9,9 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import ApiProc, eventually, running_api
+from tests.api.conftest import ApiProc, running_api
 from tests.conftest import REPO, run_cli
 from tests.core import images
+from tests.waiting import eventually
 from tests.worker_proc import running_worker
 from worker.records import Decision, Priority, Verdict
 
@@ -65,11 +66,16 @@ def test_thousand_events_over_http(
             def all_decided() -> bool:
                 return all(http.get(f"/v1/decisions/{e}").status_code == 200 for e in list(sent)[-50:])
 
-            eventually(all_decided, 240, "the last events decided")
+            eventually(all_decided, "the last events decided", 240)
             got: dict[str, Decision] = {}
             for eid in sent:
-                resp = eventually(lambda eid=eid: _ok(http.get(f"/v1/decisions/{eid}")), 120, eid)
-                got[eid] = Decision.model_validate_json(resp.content)  # type: ignore[attr-defined]
+
+                def decided(eid: str = eid) -> httpx.Response | None:
+                    return _ok(http.get(f"/v1/decisions/{eid}"))
+
+                found = eventually(decided, eid, 120)
+                assert found is not None
+                got[eid] = Decision.model_validate_json(found.content)
     assert set(got) == set(sent)
     for eid, d in got.items():
         ev = sent[eid]
@@ -203,7 +209,7 @@ def test_score_waits_for_the_decision_or_answers_202(
             assert now.status_code == 200, now.text
             d = Decision.model_validate_json(now.content)
             assert d.item_id == "item-2" and d.verdict != Verdict.ERROR and d.metadata == {"k": "v"}
-            eventually(lambda: _ok(http.get(pending["decision_url"])), 60, "the first event decided")
+            eventually(lambda: _ok(http.get(pending["decision_url"])), "the first event decided", 60)
 
 
 def test_openapi_document_is_served_and_matches_the_checked_in_copy(api: ApiProc) -> None:

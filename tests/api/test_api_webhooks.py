@@ -13,10 +13,11 @@ import httpx
 import pytest
 import redis
 
-from tests.api.conftest import api_env, eventually, running_api
+from tests.api.conftest import api_env, running_api
 from tests.api.receiver import Receiver
 from tests.conftest import run_cli
 from tests.core import images
+from tests.waiting import eventually
 from tests.worker_proc import running_worker
 from worker.delivery.webhook import Dispatcher, WebhookQueue, Webhooks, callback_refusal
 from worker.process.localredis import free_port
@@ -84,7 +85,7 @@ def review_server(redis_url: str, tmp_path: Path) -> Iterator[str]:
             except httpx.HTTPError:
                 return proc.poll() is not None
 
-        eventually(up, 60, "review page up")
+        eventually(up, "review page up", 60)
         assert proc.poll() is None, (tmp_path / "review.log").read_text()
         yield url
     finally:
@@ -112,9 +113,9 @@ def test_override_reaches_the_callback_with_the_final_verdict(
             resp = http.post("/v1/events", json={**body, "metadata": {"user": "u1"}})
             assert resp.status_code == 202, resp.text
             eid = resp.json()["event_ids"][0]
-            first = eventually(receiver.verified, 60, "the model's decision delivered")
-            assert first[0]["type"] == "decision.made"  # type: ignore[index]
-            assert first[0]["data"]["verdict"] == "review"  # type: ignore[index]
+            first = eventually(receiver.verified, "the model's decision delivered", 60)
+            assert first[0]["type"] == "decision.made"
+            assert first[0]["data"]["verdict"] == "review"
             override = httpx.post(
                 f"{review_server}/api/items/{eid}/override",
                 json={"verdict": "block", "note": "generated"},
@@ -122,7 +123,7 @@ def test_override_reaches_the_callback_with_the_final_verdict(
                 trust_env=False,
             )
             assert override.status_code == 200, override.text
-            eventually(lambda: len(receiver.verified()) >= 2, 60, "the override delivered")
+            eventually(lambda: len(receiver.verified()) >= 2, "the override delivered", 60)
             final = http.get(f"/v1/decisions/{eid}").json()
     finally:
         receiver.stop()
@@ -153,16 +154,16 @@ def test_a_receiver_that_was_down_gets_the_decision_afterwards(
         url = f"http://127.0.0.1:{port}/hook"
         resp = http.post("/v1/events", json={"item_id": "x", "image_uri": str(image), "callback_url": url})
         eid = resp.json()["event_ids"][0]
-        eventually(lambda: queue.outcomes().get("retried", 0) >= 3, 60, "three failed attempts")
+        eventually(lambda: queue.outcomes().get("retried", 0) >= 3, "three failed attempts", 60)
         assert receiver.got == [] and queue.waiting() == 1
         receiver.start()
         try:
-            got = eventually(receiver.verified, 60, "delivery after the receiver came back")
+            got = eventually(receiver.verified, "delivery after the receiver came back", 60)
             decision = http.get(f"/v1/decisions/{eid}").json()
             metrics = http.get("/metrics").text
         finally:
             receiver.stop()
-    assert got[0]["data"] == decision  # type: ignore[index]
+    assert got[0]["data"] == decision
     assert len(receiver.got) == 1
     assert queue.waiting() == 0 and queue.dead_letters() == []
     assert 'moderation_webhook_fleet_deliveries_total{outcome="delivered"} 1.0' in metrics
@@ -199,7 +200,7 @@ def test_policy_secret_redirects_and_dead_letters(redis_url: str, tmp_path: Path
         # a redirect is not followed: two attempts (schedule of one retry), then dead
         receiver.status, receiver.location = 307, f"http://127.0.0.1:{receiver.port}/elsewhere"
         hooks.send(receiver.url, _decision("redirect"))
-        eventually(lambda: dispatcher.run_once() == 0 and queue.waiting() == 0, 30, "redirects settled")
+        eventually(lambda: dispatcher.run_once() == 0 and queue.waiting() == 0, "redirects settled", 30)
         assert [d.path for d in receiver.got] == ["/hook", "/hook"]
         # 410 Gone: dead at once
         receiver.status, receiver.location = 410, None
@@ -222,7 +223,7 @@ def test_policy_secret_redirects_and_dead_letters(redis_url: str, tmp_path: Path
         receiver.status = 204
         replay = run_cli("webhooks", "replay", REDIS_URL=redis_url)
         assert replay.returncode == 0 and "rescheduled 5" in replay.stdout, replay.stdout
-        eventually(lambda: dispatcher.run_once() == 0 and queue.waiting() == 0, 30, "replays settled")
+        eventually(lambda: dispatcher.run_once() == 0 and queue.waiting() == 0, "replays settled", 30)
         delivered = {p["data"]["event_id"] for p in receiver.verified()}
         assert {"unsigned", "redirect", "gone"} <= delivered and not {"port", "creds"} & delivered
         assert int(dispatcher.outcomes.labels("delivered")._value.get()) == 3
@@ -242,7 +243,7 @@ def test_a_slow_receiver_does_not_hold_up_the_worker_drain(
     try:
         with running_worker(redis_url, tmp_path / "w", tiny_checkpoint, env=env) as w:
             ev = producer.submit("slow", str(image), callback_url=receiver.url)
-            eventually(lambda: receiver.got, 60, "the receiver reached")
+            eventually(lambda: receiver.got, "the receiver reached", 60)
             assert w.stop() == 0  # raises if SIGTERM did not end the worker within its grace
         assert producer.wait([ev.event_id], 5)
         assert queue.waiting() == 1  # not lost: rescheduled for another attempt
@@ -293,8 +294,8 @@ def test_webhooks_run_delivers_on_its_own_and_counts_outcomes(redis_url: str, tm
     try:
         settings = Settings(redis_url=redis_url, home=tmp_path, webhook_dispatch_in_worker=False)
         Webhooks(settings).send(receiver.url, _decision("standalone"))
-        got = eventually(receiver.verified, 60, "delivered by `moderation webhooks run`")
-        assert got[0]["data"]["event_id"] == "standalone"  # type: ignore[index]
+        got = eventually(receiver.verified, "delivered by `moderation webhooks run`", 60)
+        assert got[0]["data"]["event_id"] == "standalone"
 
         def counted() -> bool:
             try:
@@ -303,7 +304,7 @@ def test_webhooks_run_delivers_on_its_own_and_counts_outcomes(redis_url: str, tm
                 return False
             return 'moderation_webhook_deliveries_total{outcome="delivered"} 1.0' in text
 
-        eventually(counted, 30, "the delivery counted")
+        eventually(counted, "the delivery counted", 30)
     finally:
         proc.terminate()
         rc = proc.wait(30)

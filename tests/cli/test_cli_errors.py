@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port, run_cli
+from tests.conftest import run_cli, subprocess_env
+from worker.process.localredis import free_port
 
 
 @dataclass(frozen=True)
@@ -165,9 +166,8 @@ def test_cli_mistake_gives_one_line_and_its_exit_code(case: Case, ctx: Ctx) -> N
         *case.args(ctx),
         cwd=ctx.tmp,
         timeout=180,
-        MODERATION_HOME=str(ctx.tmp / "home"),
-        COLUMNS="60",  # a narrow terminal must not wrap the error line
-        **case.env(ctx),
+        # a narrow terminal must not wrap the error line
+        env=subprocess_env(MODERATION_HOME=str(ctx.tmp / "home"), COLUMNS="60", **case.env(ctx)),
     )
     out = proc.stdout + proc.stderr
     assert "Traceback" not in out, out

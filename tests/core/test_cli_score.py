@@ -6,13 +6,13 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, subprocess_env
 from worker.records import Decision, Verdict
 from worker.samples import sample_labels, sample_paths
 
 
 def run(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return run_cli(*args, cwd=cwd, timeout=180, **env)
+    return run_cli(*args, cwd=cwd, timeout=180, env=subprocess_env(**env))
 
 
 def test_checkpoint_init_then_score_samples_as_json(tmp_path: Path) -> None:

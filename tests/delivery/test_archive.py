@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 
 from tests.conftest import run_cli, subprocess_env
+from tests.streams import stream_entries
+from tests.waiting import eventually
 from training.labels import override_from_fields
 from worker.delivery.archive import (
     DECISIONS,
@@ -57,15 +58,6 @@ def group_state(client: redis.Redis, key: str, group: str = "archive") -> dict[s
     return {"pending": -1, "lag": -1}
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def start_archiver(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "worker", "archive", "run", *args],
@@ -104,7 +96,11 @@ def test_kill_9_mid_way_and_restart_archives_every_decision_once(redis_url: str,
             store.write_many(batch)
             written.update(d.event_id for d in batch)
             time.sleep(0.05)
-        wait_for(lambda n=parts_before: len(list(root.rglob("*.parquet"))) > n, what="this run's first part")
+
+        def new_part(before: int = parts_before) -> bool:
+            return len(list(root.rglob("*.parquet"))) > before
+
+        eventually(new_part, "this run's first part", 60)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
@@ -112,9 +108,10 @@ def test_kill_9_mid_way_and_restart_archives_every_decision_once(redis_url: str,
     assert before["pending"] + before["lag"] > 0, "every kill came after the last entry: nothing was tested"
 
     proc = start_archiver(env, log, "--batch", "50", "--flush-s", "0.05")
-    wait_for(
+    eventually(
         lambda: group_state(client, store.keys.decisions) == {"pending": 0, "lag": 0},
-        what="the restarted archiver to catch up",
+        "the restarted archiver to catch up",
+        60,
     )
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
@@ -158,7 +155,7 @@ def test_reader_drops_rows_of_overlapping_parts(redis_url: str, tmp_path: Path) 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     store = DecisionStore(client)
     store.write_many(decisions(0, 40))
-    entries = client.xrange(store.keys.decisions)
+    entries = stream_entries(client, store.keys.decisions)
     target = open_target(str(tmp_path / "archive"))
     for a, b in [(0, 30), (10, 40)]:
         chunk = entries[a:b]
@@ -213,7 +210,7 @@ def test_sigterm_writes_what_is_buffered_then_exits(redis_url: str, tmp_path: Pa
     )
     proc = start_archiver(env, tmp_path / "archiver.log", "--flush-s", "3600")
     store.write_many(decisions(0, 250))
-    wait_for(lambda: group_state(client, store.keys.decisions)["pending"] == 250, what="entries buffered")
+    eventually(lambda: group_state(client, store.keys.decisions)["pending"] == 250, "entries buffered", 60)
     assert not list(root.rglob("*.parquet"))  # held, not written: the flush interval is an hour
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, (tmp_path / "archiver.log").read_text()[-3000:]
@@ -239,11 +236,11 @@ def test_s3_target_with_a_crash_between_write_and_ack(
     rows = [row_of(DECISIONS, sid, f) for sid, f in got]
     crashed.target.put(partition_of(got[0][0]), part_name(DECISIONS, got[0][0], got[-1][0]), to_parquet(rows))
 
-    result = run_cli("archive", "once", MODERATION_ARCHIVE_CONSUMER="archive-ci", **env)
+    result = run_cli("archive", "once", env=subprocess_env(MODERATION_ARCHIVE_CONSUMER="archive-ci", **env))
     assert result.returncode == 0, result.stderr
     assert "80 already archived" in result.stdout
     store.write_many(decisions(200, 50))
-    assert run_cli("archive", "once", **env).returncode == 0
+    assert run_cli("archive", "once", env=subprocess_env(**env)).returncode == 0
 
     df = read_archive(uri, settings)
     assert_exactly_once(df, {f"ev-{i}" for i in range(250)})
@@ -273,7 +270,10 @@ def test_configuration_mistakes_are_one_line_errors(
     redis_url: str, tmp_path: Path, env: dict[str, str], message: str
 ) -> None:
     result = run_cli(
-        "archive", "once", cwd=tmp_path, **{"REDIS_URL": redis_url, "MODERATION_ARCHIVE_URI": "", **env}
+        "archive",
+        "once",
+        cwd=tmp_path,
+        env=subprocess_env(**{"REDIS_URL": redis_url, "MODERATION_ARCHIVE_URI": "", **env}),
     )
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
@@ -283,21 +283,24 @@ def test_stream_retention_trims_only_what_every_group_acked(redis_url: str, tmp_
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     store = DecisionStore(client)
     store.write_many(decisions(0, 100))
-    ids = [sid for sid, _ in client.xrange(store.keys.decisions)]
+    ids = [sid for sid, _ in stream_entries(client, store.keys.decisions)]
     client.xgroup_create(store.keys.decisions, "pipeline", id="0")  # the upload pipeline, behind
     client.xreadgroup("pipeline", "p1", {store.keys.decisions: ">"}, count=50)
     client.xack(store.keys.decisions, "pipeline", *ids[:40])
     env = {"REDIS_URL": redis_url, "MODERATION_ARCHIVE_URI": str(tmp_path / "archive")}
 
-    result = run_cli("archive", "once", MODERATION_ARCHIVE_STREAM_RETENTION_S="0", **env)
+    result = run_cli("archive", "once", env=subprocess_env(MODERATION_ARCHIVE_STREAM_RETENTION_S="0", **env))
     assert result.returncode == 0, result.stderr
     assert "40 trimmed" in result.stdout
-    assert [sid for sid, _ in client.xrange(store.keys.decisions)] == ids[40:]  # 40..49 pending there
+    assert [sid for sid, _ in stream_entries(client, store.keys.decisions)] == ids[
+        40:
+    ]  # 40..49 pending there
 
-    assert run_cli("archive", "once", MODERATION_ARCHIVE_STREAM_RETENTION_S="3600", **env).returncode == 0
+    kept = subprocess_env(MODERATION_ARCHIVE_STREAM_RETENTION_S="3600", **env)
+    assert run_cli("archive", "once", env=kept).returncode == 0
     client.xack(store.keys.decisions, "pipeline", *ids[40:50])
     assert client.xlen(store.keys.decisions) == 60  # within the retention: kept
-    assert run_cli("archive", "once", **env).returncode == 0
+    assert run_cli("archive", "once", env=subprocess_env(**env)).returncode == 0
     assert client.xlen(store.keys.decisions) == 60  # unset: never trimmed by the archiver
     assert_exactly_once(read_archive(tmp_path / "archive"), {f"ev-{i}" for i in range(100)})
 
@@ -365,7 +368,7 @@ def test_run_retries_a_failing_target_and_two_archivers_share_the_work(
         for name, log in zip(["arch-a", "arch-b"], logs, strict=True)
     ]
     store.write_many(decisions(0, 1000))
-    wait_for(lambda: all("archive_retry" in log.read_text() for log in logs), what="both to retry")
+    eventually(lambda: all("archive_retry" in log.read_text() for log in logs), "both to retry", 60)
     assert (
         group_state(client, store.keys.decisions)["lag"]
         + group_state(client, store.keys.decisions)["pending"]
@@ -373,9 +376,10 @@ def test_run_retries_a_failing_target_and_two_archivers_share_the_work(
     )
     blocker.unlink()
     store.write_many(decisions(1000, 1000))
-    wait_for(
+    eventually(
         lambda: group_state(client, store.keys.decisions) == {"pending": 0, "lag": 0},
-        what="both archivers to catch up",
+        "both archivers to catch up",
+        60,
     )
     for proc in procs:
         proc.send_signal(signal.SIGTERM)

@@ -12,7 +12,7 @@ from worker.media.crops import CropSpec
 from worker.media.fetch import Fetcher
 from worker.records import Event, Verdict
 from worker.samples import sample_paths
-from worker.scoring.checkpoint import init_checkpoint
+from worker.scoring.checkpoint import init_checkpoint, sigmoid
 from worker.scoring.golden import golden_crops
 from worker.scoring.scorer import Scorer, prepare, score_events
 from worker.settings import Settings
@@ -31,12 +31,10 @@ EVENT_TOL = 0.02
 def varied_crops(size: int, settings: Settings) -> np.ndarray:
     """The golden crops plus one centre crop of each bundled sample: flat, smooth, noisy and real content."""
     fetcher = Fetcher(settings)
-    crops = [golden_crops(size)] + [prepare(str(p), fetcher, CropSpec(size, 1)).crops for p in sample_paths()]
+    crops = [golden_crops(size)] + [
+        np.asarray(prepare(str(p), fetcher, CropSpec(size, 1)).crops) for p in sample_paths()
+    ]
     return np.concatenate(crops)
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 class FirstConvProbe:

@@ -38,7 +38,7 @@ def reason_of(f: Fetcher, uri: str) -> tuple[ErrorReason, str]:
 
 
 def test_local_files_are_off_by_default(tmp_path: Path, root: Path) -> None:
-    assert Settings(_env_file=None, local_roots=[]).local_roots == []  # type: ignore[call-arg]
+    assert Settings(_env_file=None, local_roots=[]).local_roots == []
     f = fetcher(tmp_path)
     for uri in (str(root / "ok.jpg"), f"file://{root / 'ok.jpg'}"):
         assert reason_of(f, uri)[0] == ErrorReason.FORBIDDEN_SOURCE

@@ -21,8 +21,9 @@ import structlog
 from tests.core.images import jpeg
 from tests.hostile.conftest import nan_weights, point_at, write_version
 from worker.errors import CheckpointError, ErrorReason
+from worker.keys import Keys
 from worker.lifecycle.registry import Registry
-from worker.lifecycle.reload import ModelKeys, ModelWatcher
+from worker.lifecycle.reload import ModelWatcher
 from worker.media.fetch import Fetcher
 from worker.ops.metrics import Metrics
 from worker.records import Event, Thresholds, Verdict
@@ -78,7 +79,7 @@ def test_a_broken_version_is_refused_once_and_the_good_one_keeps_serving(
         assert watcher.check_now() == good
     assert refusals(metrics) == 1
     assert bad in watcher.refused
-    record = json.loads(client.hget(ModelKeys(reg_settings.namespace).refused, bad) or b"{}")
+    record = json.loads(client.hget(Keys(reg_settings.namespace).model_refused, bad) or b"{}")
     assert record["reason"] and record["worker"]
 
 
@@ -162,7 +163,7 @@ def test_thresholds_must_be_ordered_and_in_range() -> None:
     Thresholds(review=0.5, block=0.5)
     for bad in ({"review": 0.9, "block": 0.5}, {"review": -0.1}, {"block": 1.5}, {"review": math.nan}):
         with pytest.raises(ValueError):
-            Thresholds(**bad)  # type: ignore[arg-type]
+            Thresholds(**bad)
     with pytest.raises(ValueError):
         verdict_for(math.nan, Thresholds())
 

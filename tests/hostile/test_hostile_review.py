@@ -8,7 +8,6 @@ session server-side, so a copied cookie stops working; event ids that look like 
 from __future__ import annotations
 
 import re
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,10 +18,10 @@ from urllib.parse import quote, unquote
 
 import httpx
 import pytest
-import uvicorn
 
-from tests.conftest import free_port
+from tests.served import served
 from worker.delivery.store import DecisionStore
+from worker.keys import Keys
 from worker.records import Decision, Thresholds, Verdict
 from worker.review.app import create_app
 from worker.review.auth import hash_password
@@ -40,21 +39,8 @@ class Page:
 
 def serve(settings: Settings) -> Iterator[Page]:
     store = DecisionStore.from_url(settings.redis_url or "", settings.namespace)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, store), host="127.0.0.1", port=free_port(), log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "review server did not start"
-        time.sleep(0.02)
-    port = server.config.port
-    try:
-        yield Page(f"http://127.0.0.1:{port}", settings, store)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with served(create_app(settings, store)) as url:
+        yield Page(url, settings, store)
 
 
 @pytest.fixture
@@ -112,7 +98,7 @@ def test_concurrent_guesses_do_not_race_past_the_limit(page: Page) -> None:
     free = page.settings.review_login_free_attempts
     # Exactly ``free`` attempts were let through to a password check (some of those may still have been
     # turned away for a busy verifier); every other guess was refused before any check.
-    counted = page.store.r.hget(f"{page.settings.namespace}:review:login:client:10.7.7.7", "n")
+    counted = page.store.r.hget(Keys(page.settings.namespace).login_client("10.7.7.7"), "n")
     assert int(counted) == free
     assert 1 <= codes.count(401) <= free and codes.count(401) + codes.count(429) == 40
 

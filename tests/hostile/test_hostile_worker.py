@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -21,9 +21,10 @@ import redis
 from tests.core.images import jpeg
 from tests.hostile.conftest import nan_weights, point_at, write_version
 from tests.hostile.images import png16
+from tests.streams import stream_entries
 from tests.worker_proc import running_worker
-from worker.delivery.store import Keys
 from worker.ingress.producer import Producer
+from worker.keys import Keys
 from worker.lifecycle.registry import Registry
 from worker.records import Decision, Event, Verdict
 from worker.settings import Settings
@@ -84,7 +85,7 @@ def hostile_root(tmp_path: Path) -> tuple[Path, dict[str, str | None]]:
     return root, want
 
 
-def submit_mix(producer: Producer, want: dict[str, str | None], rounds: int) -> list[Event]:
+def submit_mix(producer: Producer, want: Mapping[str, str | None], rounds: int) -> list[Event]:
     events = []
     for r in range(rounds):
         batch = [Event(item_id=f"{r}-{i}", image_uri=uri) for i, uri in enumerate(want)]
@@ -94,16 +95,12 @@ def submit_mix(producer: Producer, want: dict[str, str | None], rounds: int) -> 
 
 
 def check_exactly_once(
-    producer: Producer, redis_url: str, events: list[Event], want: dict[str, str | None], version: str
+    producer: Producer, redis_url: str, events: list[Event], want: Mapping[str, str | None], version: str
 ) -> list[Decision]:
     got = producer.wait([e.event_id for e in events], timeout=120)
     assert len(got) == len(events), f"{len(events) - len(got)} events undecided"
-    stream = Counter(
-        f["event_id"]
-        for _, f in redis.Redis.from_url(redis_url, decode_responses=True).xrange(
-            Keys("moderation").decisions
-        )
-    )
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    stream = Counter(f["event_id"] for _, f in stream_entries(client, Keys("moderation").decisions))
     assert set(stream) == {e.event_id for e in events} and max(stream.values()) == 1
     for e in events:
         d = got[e.event_id]

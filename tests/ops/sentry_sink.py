@@ -62,7 +62,7 @@ def _decode(body: bytes, encoding: str) -> bytes:
     if encoding == "gzip":
         return gzip.decompress(body)
     if encoding == "br":
-        import brotli  # type: ignore[import-not-found]
+        import brotli
 
         return bytes(brotli.decompress(body))
     return body

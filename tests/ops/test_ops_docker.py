@@ -26,7 +26,8 @@ _OTHER_AREAS = {"review": "review page", "train-worker": "training"}
 
 
 def compose() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE.read_text())
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return loaded
 
 
 def compose_cli() -> list[str] | None:

@@ -9,6 +9,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -36,7 +37,7 @@ def _restore_logging() -> Iterator[None]:
     structlog.contextvars.clear_contextvars()
 
 
-def _lines(buf: io.StringIO) -> list[dict]:
+def _lines(buf: io.StringIO) -> list[dict[str, Any]]:
     text = buf.getvalue()
     assert text.endswith("\n")
     return [json.loads(line) for line in text.splitlines()]

@@ -53,13 +53,13 @@ def exported() -> dict[str, set[str]]:
     by_name = {getattr(c, "_name", None): c for c in metrics.registry._collector_to_names}
     for family in BacklogCollector(None).describe():  # type: ignore[arg-type]  # describe reads no store
         names[family.name] = set()
-    for family in metrics.registry.collect():
-        collector = by_name.get(family.name)
+    for metric in metrics.registry.collect():
+        collector = by_name.get(metric.name)
         labels = set(getattr(collector, "_labelnames", ()))
-        if family.type == "info":
+        if metric.type == "info":
             labels |= {"version"}  # Info labels are set at run time: .info({"version": ...})
-        for suffix in _SUFFIXES[family.type]:
-            names[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+        for suffix in _SUFFIXES[metric.type]:
+            names[metric.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
     return names
 
 
@@ -249,9 +249,9 @@ def test_ops_a_real_worker_exports_process_collectors_stage_latency_and_no_creat
     from PIL import Image
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tests.conftest import free_port
     from tests.worker_proc import running_worker
     from worker.ingress.producer import Producer
+    from worker.process.localredis import free_port
     from worker.records import Event
     from worker.settings import Settings
 

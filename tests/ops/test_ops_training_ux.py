@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngImageFile
 
 from training.evaluate import evaluate_scores
 from training.plots import hist_bins
@@ -37,6 +39,7 @@ def test_ops_evaluation_plots_exist_and_their_legends_carry_auc_thresholds_and_e
     assert set(report.plots) == {"roc.png", "pr.png", "hist.png", "reliability.png"}
     for png in report.plots:
         with Image.open(tmp_path / png) as img:
+            assert isinstance(img, PngImageFile)
             assert img.size[0] > 300
             assert img.text["Legend"]  # the legend travels in the file's metadata
     figures = json.loads((tmp_path / "plots.json").read_text())
@@ -79,7 +82,9 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_ops_progress_writes_lines_without_carriage_returns_when_not_a_terminal(monkeypatch) -> None:
+def test_ops_progress_writes_lines_without_carriage_returns_when_not_a_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("MODERATION_PROGRESS", raising=False)
     out = _Pipe()
     bar = progress(range(50), desc="score", unit="img", stream=out, interval_s=0.0)
@@ -97,7 +102,9 @@ def test_ops_progress_writes_lines_without_carriage_returns_when_not_a_terminal(
     assert all(re.match(r"score: \d+/50 img", line) for line in lines)
 
 
-def test_ops_progress_is_a_bar_on_a_terminal_and_silent_when_disabled(monkeypatch) -> None:
+def test_ops_progress_is_a_bar_on_a_terminal_and_silent_when_disabled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("MODERATION_PROGRESS", raising=False)
     term = _Terminal()
     assert list(progress(range(5), desc="train", stream=term)) == list(range(5))

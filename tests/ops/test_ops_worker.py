@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
 from tests.ops.sentry_sink import sentry_sink
 from tests.worker_proc import start_worker
 from worker.ingress.producer import Producer
+from worker.process.localredis import free_port
 from worker.records import Event, Verdict
 from worker.settings import Settings
 
@@ -38,23 +38,29 @@ def _images(tmp: Path, n_good: int, n_bad: int, n_missing: int) -> list[str]:
     return uris
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (name, sorted labels) -> value
+
+
+def scrape(port: int) -> Samples:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    out = {}
+    out: Samples = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
 
 
-def by_label(samples: dict, name: str, label: str) -> dict[str, float]:
+def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
     return {dict(k[1])[label]: v for k, v in samples.items() if k[0] == name and v}
 
 
-def _total(scrapes: list[dict], name: str, label: str | None = None) -> dict[str, float] | float:
+def _total(scrapes: list[Samples], name: str) -> float:
+    """Sum one unlabelled metric over several worker processes, as a PromQL ``sum`` would."""
+    return sum(s.get((name, ()), 0.0) for s in scrapes)
+
+
+def _total_by(scrapes: list[Samples], name: str, label: str) -> dict[str, float]:
     """Sum one metric over several worker processes, as a PromQL ``sum by (label)`` would."""
-    if label is None:
-        return sum(s.get((name, ()), 0.0) for s in scrapes)
     out: collections.Counter[str] = collections.Counter()
     for s in scrapes:
         out.update(by_label(s, name, label))
@@ -96,9 +102,9 @@ def test_ops_metrics_of_two_worker_processes_add_up_to_the_events_and_every_log_
             while True:  # metrics follow the decision write by a moment; wait for the last ones
                 scrapes = [scrape(p) for p in ports]
                 done = (
-                    _total(scrapes, "moderation_decisions_total", "verdict") == verdicts
+                    _total_by(scrapes, "moderation_decisions_total", "verdict") == verdicts
                     and _total(scrapes, "moderation_duplicate_deliveries_total") == 1
-                    and _total(scrapes, "moderation_dead_letters_total", "reason")
+                    and _total_by(scrapes, "moderation_dead_letters_total", "reason")
                 )
                 if done or time.monotonic() > deadline:
                     break
@@ -112,9 +118,9 @@ def test_ops_metrics_of_two_worker_processes_add_up_to_the_events_and_every_log_
                 if w.proc.poll() is None:
                     w.kill()
 
-    assert _total(scrapes, "moderation_decisions_total", "verdict") == verdicts
-    assert _total(scrapes, "moderation_errors_total", "reason") == reasons
-    assert _total(scrapes, "moderation_dead_letters_total", "reason") == {"malformed_event": 1}
+    assert _total_by(scrapes, "moderation_decisions_total", "verdict") == verdicts
+    assert _total_by(scrapes, "moderation_errors_total", "reason") == reasons
+    assert _total_by(scrapes, "moderation_dead_letters_total", "reason") == {"malformed_event": 1}
     assert _total(scrapes, "moderation_duplicate_deliveries_total") == 1
     scored = [d for d in got.values() if d.verdict != Verdict.ERROR]
     assert _total(scrapes, "moderation_ai_score_count") == len(scored)

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from tests.provenance import credentials as cr
 from worker.media.fetch import Fetcher
 from worker.media.provenance import EvidenceMetrics
-from worker.records import CredentialState, Decision, Event, Verdict
+from worker.records import CredentialState, Decision, Event, Provenance, Verdict
 from worker.scoring.scorer import Scorer, score_events
 from worker.settings import Settings
 
@@ -70,10 +70,16 @@ def test_decisions_carry_provenance_and_the_declared_ai_rule(
             else Verdict.ALLOW
         )
         assert d.verdict == expected, name
-    assert by_item["untrusted_ai.jpg"].provenance.credential == CredentialState.UNTRUSTED
-    assert by_item["tampered_ai.jpg"].provenance.credential == CredentialState.INVALID
-    assert by_item["xmp_ai.jpg"].provenance.declared_ai
-    assert by_item["camera.jpg"].provenance.camera_model == "Canon EOS R5"
+
+    def provenance(name: str) -> Provenance:
+        found = by_item[name].provenance
+        assert found is not None, name
+        return found
+
+    assert provenance("untrusted_ai.jpg").credential == CredentialState.UNTRUSTED
+    assert provenance("tampered_ai.jpg").credential == CredentialState.INVALID
+    assert provenance("xmp_ai.jpg").declared_ai
+    assert provenance("camera.jpg").camera_model == "Canon EOS R5"
 
     # The record survives the decision's JSON (what the store, the stream and the page read back).
     assert Decision.from_json(trusted.to_json()) == trusted

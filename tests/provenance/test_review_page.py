@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import re
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from tests.conftest import free_port
 from tests.provenance import credentials as cr
+from tests.served import served
 from worker.delivery.store import DecisionStore
 from worker.media.provenance import ProvenanceReader
 from worker.records import Decision, MatchedEvent, Verdict
@@ -68,19 +65,8 @@ def page(
     )
     store = DecisionStore.from_url(redis_url, settings.namespace)
     assert all(store.write_many(decisions.values()))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "review server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", decisions
-    server.should_exit = True
-    thread.join(10)
+    with served(create_app(settings)) as url:
+        yield url, decisions
 
 
 def test_item_page_shows_provenance_and_the_matched_original(page: tuple[str, dict[str, Decision]]) -> None:

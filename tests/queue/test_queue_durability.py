@@ -101,7 +101,9 @@ def test_redis_killed_and_restarted_with_aof_under_load_loses_nothing_it_acknowl
             acknowledged.extend(chunk)
             time.sleep(0.1)
 
-    decided = lambda: int(redis.Redis.from_url(aof_redis.url).xlen(KEYS.decisions))  # noqa: E731
+    def decided() -> int:
+        return int(redis.Redis.from_url(aof_redis.url).xlen(KEYS.decisions))
+
     with running_worker(aof_redis.url, tmp_path / "w", tiny_checkpoint, env=FAST_RECLAIM) as w:
         thread = threading.Thread(target=produce, daemon=True)
         thread.start()

@@ -7,8 +7,8 @@ decision (one record, one entry on the decisions stream) or one dead-letter entr
 from __future__ import annotations
 
 import signal
-import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from tests.core import images
+from tests.waiting import eventually
 from tests.worker_proc import running_worker, start_worker
 from worker.errors import ErrorReason
 from worker.ingress.producer import Producer
@@ -134,13 +135,8 @@ def test_same_event_twice_gives_one_decision_record(
     assert producer.decisions(["evt-dup"])["evt-dup"] == first
 
 
-def _wait_until(predicate: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
+def _wait_until(predicate: Callable[[], object], timeout: float) -> None:
+    eventually(predicate, "the condition", timeout)
 
 
 FAST_RECLAIM = {
@@ -160,7 +156,11 @@ def test_repeated_kill_9_mid_batch_loses_nothing_and_decides_each_event_once(
         try:
             w.wait_ready()
             target = 20 * (kill + 1)
-            _wait_until(lambda t=target: len(stream_event_ids(redis_url)) >= t, 120)
+
+            def enough(t: int = target) -> bool:
+                return len(stream_event_ids(redis_url)) >= t
+
+            eventually(enough, f"{target} decisions", 120)
             assert held(redis_url) > 0, "nothing was held at the kill"
             w.kill()  # SIGKILL: no drain, no acks; what it held stays in the pending entries list
         finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,9 @@ import redis
 from typer.testing import CliRunner, Result
 
 from tests.conftest import run_cli, subprocess_env
+from tests.waiting import eventually
 from worker.cli.main import app
-from worker.lifecycle.reload import ModelKeys
+from worker.keys import Keys
 from worker.lifecycle.shadow import Comparison, record
 from worker.records import Decision, Verdict
 from worker.scoring.checkpoint import read_manifest
@@ -39,7 +39,7 @@ def test_publish_promote_rollback_models_and_notifications(
     a, b = read_manifest(ckpt_a).version, read_manifest(ckpt_b).version
     client = redis.Redis.from_url(redis_url)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(ModelKeys("moderation").channel)
+    pubsub.subscribe(Keys("moderation").model_channel)
     env = {"MODERATION_REGISTRY": reg, "REDIS_URL": redis_url}
 
     out = cli("publish", str(ckpt_a), "--promote", "--by", "alice", **env)
@@ -52,11 +52,14 @@ def test_publish_promote_rollback_models_and_notifications(
     out = cli("rollback", "--by", "carol", **env)
     assert out.exit_code == 0 and f"current is now {a}" in out.output, out.output
 
-    messages = []
-    deadline = time.monotonic() + 5
-    while len(messages) < 3 and time.monotonic() < deadline:
+    messages: list[dict[str, str]] = []
+
+    def three_notifications() -> list[dict[str, str]]:
         if (m := pubsub.get_message(timeout=0.5)) is not None:
             messages.append(json.loads(m["data"]))
+        return messages if len(messages) >= 3 else []
+
+    eventually(three_notifications, "three notifications", 5)
     assert [(m["action"], m["version"], m["by"]) for m in messages] == [
         ("promote", a, "alice"),
         ("promote", b, "bob"),
@@ -72,7 +75,7 @@ def test_publish_promote_rollback_models_and_notifications(
     assert (rows[b]["action"], rows[b]["promoted_by"]) == ("promote", "bob")
     assert rows[a]["refused"] is None
 
-    client.hset(ModelKeys("moderation").refused, b, json.dumps({"reason": "golden", "worker": "w1"}))
+    client.hset(Keys("moderation").model_refused, b, json.dumps({"reason": "golden", "worker": "w1"}))
     table = cli("models", **env)
     assert table.exit_code == 0, table.output
     assert a in table.output and b in table.output and "rollback by carol" in table.output
@@ -110,7 +113,7 @@ def test_shadow_start_report_stop(reg: str, redis_url: str, ckpt_a: Path, ckpt_b
     assert cli("publish", str(ckpt_b), **env).exit_code == 0
     b = read_manifest(ckpt_b).version
     client = redis.Redis.from_url(redis_url)
-    keys = ModelKeys("moderation")
+    keys = Keys("moderation")
 
     assert cli("shadow", "start", "nope", **env).exit_code == 2  # typo refused before workers see it
     out = cli("shadow", "start", b, **env)

@@ -16,9 +16,11 @@ import pytest
 import redis
 
 from tests.core.images import jpeg
+from tests.waiting import eventually
 from worker.errors import CheckpointError
+from worker.keys import Keys
 from worker.lifecycle.registry import Registry
-from worker.lifecycle.reload import ModelKeys, ModelWatcher, notify
+from worker.lifecycle.reload import ModelWatcher, notify
 from worker.lifecycle.shadow import report
 from worker.media.fetch import Fetcher
 from worker.ops.metrics import Metrics
@@ -46,11 +48,7 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
+    eventually(pred, "the condition", timeout, interval=0.02)
 
 
 def failures(metrics: Metrics, reason: str) -> float:
@@ -150,7 +148,7 @@ def test_corrupted_weights_are_refused_once_and_the_old_model_keeps_serving(
     assert watcher.check_now() == a  # remembered: not downloaded and checked again
     assert failures(metrics, "checksum") == 1 and reloads(metrics) == 0
     assert "sha256" in watcher.refused[c]
-    refused = json.loads(client.hget(ModelKeys(reg_settings.namespace).refused, c) or b"{}")
+    refused = json.loads(client.hget(Keys(reg_settings.namespace).model_refused, c) or b"{}")
     assert refused["reason"] == "checksum" and refused["worker"]
     assert watcher.current().version == a
 
@@ -228,7 +226,7 @@ def test_shadow_of_identical_weights_agrees_fully(
 ) -> None:
     registry.publish(ckpt_a, promote=True)
     twin = registry.publish(ckpt_a_twin).version
-    keys = ModelKeys(reg_settings.namespace)
+    keys = Keys(reg_settings.namespace)
     with ModelWatcher(reg_settings, Metrics(), client) as watcher:
         _observe_batches(watcher, images, reg_settings, 2)  # no shadow yet: nothing recorded
         assert report(client, keys.shadow_stats(twin), twin) is None
@@ -261,7 +259,7 @@ def test_shadow_report_matches_scores_computed_independently(
 ) -> None:
     registry.publish(ckpt_a, promote=True)
     b = registry.publish(ckpt_b).version
-    keys = ModelKeys(reg_settings.namespace)
+    keys = Keys(reg_settings.namespace)
     client.set(keys.shadow, b)
     with ModelWatcher(reg_settings, Metrics(), client) as watcher:
         assert watcher.shadow_version == b
@@ -275,7 +273,7 @@ def test_shadow_report_matches_scores_computed_independently(
     other = score_events(events_for(images), Scorer.load(str(ckpt_b), reg_settings), fetcher)
     by_item = {d.item_id: d.ai_score for d in other}
     ordered = [by_item[e.item_id] for i in range(2) for e in events_for(images[i::2])]
-    diffs = [abs(x - y) for x, y in zip(live, ordered, strict=True)]  # type: ignore[operator]
+    diffs = [abs(x - y) for x, y in zip(live, ordered, strict=True)]
     rep = report(client, keys.shadow_stats(b), b)
     assert rep is not None and rep.events == len(images)
     assert rep.mean_abs_diff == pytest.approx(sum(diffs) / len(diffs), abs=1e-6)

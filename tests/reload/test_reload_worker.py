@@ -19,12 +19,13 @@ import redis
 from typer.testing import CliRunner
 
 from tests.core import images
+from tests.streams import stream_entries
+from tests.waiting import eventually
 from tests.worker_proc import WorkerProc, running_worker
 from worker.cli.main import app
 from worker.ingress.producer import Producer
 from worker.keys import Keys
 from worker.lifecycle.registry import Registry
-from worker.lifecycle.reload import ModelKeys
 from worker.records import Decision, Event, Verdict
 from worker.settings import Settings
 
@@ -93,11 +94,11 @@ def worker_env(settings: Settings) -> dict[str, str]:
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, what: str, w: WorkerProc) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}:\n{w.log()[-3000:]}")
-        time.sleep(0.1)
+    """``eventually``, with the worker's log tail when it times out."""
+    try:
+        eventually(pred, what, timeout, interval=0.1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{w.log()[-3000:]}") from None
 
 
 def decided_with(load: Load, version: str, at_least: int) -> Callable[[], bool]:
@@ -110,12 +111,8 @@ def finish(load: Load, producer: Producer, redis_url: str) -> list[Decision]:
     got = producer.wait([e.event_id for e in load.events], timeout=60)
     missing = len(load.events) - len(got)
     assert missing == 0, f"{missing} of {len(load.events)} events undecided"
-    stream = Counter(
-        f["event_id"]
-        for _, f in redis.Redis.from_url(redis_url, decode_responses=True).xrange(
-            Keys("moderation").decisions
-        )
-    )
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    stream = Counter(f["event_id"] for _, f in stream_entries(client, Keys("moderation").decisions))
     assert set(stream) == {e.event_id for e in load.events} and max(stream.values()) == 1
     errors = [d for d in got.values() if d.verdict == Verdict.ERROR]
     assert not errors, [(d.reason, d.detail) for d in errors[:3]]
@@ -161,7 +158,7 @@ def test_shadow_then_promote_then_rollback_under_load_without_restart(
 
         # Shadow mode first: b scores live batches next to a, deciding nothing.
         cli("shadow", "start", b, env=env)
-        stats = ModelKeys("moderation").shadow_stats(b)
+        stats = Keys("moderation").shadow_stats(b)
         wait_until(lambda: int(client.hget(stats, "events") or 0) >= 20, 30, "shadow statistics", w)
         report = json.loads(cli("shadow", "report", "--json", env=env))
         assert report["version"] == b and 0.0 <= report["agreement"] <= 1.0 and report["latency_ratio"] > 0
@@ -202,16 +199,24 @@ def test_corrupted_and_mismatched_versions_are_refused_under_load(
     corrupt(registry, reg_settings, c)  # weights bytes changed after publishing
     bad = registry.publish(ckpt_bad_golden).version  # golden scores the weights do not reproduce
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    refused_key = ModelKeys("moderation").refused
+    refused_key = Keys("moderation").model_refused
     with running_worker(redis_url, tmp_path / "w", env=env) as w, Load(producer, image_dir) as load:
         pid = w.pid
         wait_until(decided_with(load, a, 10), 60, "decisions by a", w)
         for version, reason in ((c, "checksum"), (bad, "golden")):
             cli("promote", version, env=env)
-            wait_until(lambda v=version: client.hexists(refused_key, v), 30, f"refusal of {version}", w)
+
+            def refused(v: str = version) -> bool:
+                return bool(client.hexists(refused_key, v))
+
+            wait_until(refused, 30, f"refusal of {version}", w)
             assert json.loads(client.hget(refused_key, version) or "{}")["reason"] == reason
             n = len(load.decided())
-            wait_until(lambda n=n: len(load.decided()) >= n + 15, 60, "decisions after the refusal", w)
+
+            def moved_on(before: int = n) -> bool:
+                return len(load.decided()) >= before + 15
+
+            wait_until(moved_on, 60, "decisions after the refusal", w)
             assert w.heartbeat()["model_version"] == a
         assert w.proc.poll() is None and w.pid == pid
     decisions = finish(load, producer, redis_url)

@@ -8,8 +8,6 @@ in production and the page computes Grad-CAM with that checkpoint.
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from PIL import Image
 
-from tests.conftest import free_port
+from tests.served import served
 from tests.worker_proc import running_worker
 from worker.delivery.store import DecisionStore
 from worker.ingress.producer import Producer
@@ -189,22 +186,8 @@ def page_settings(decided: Decided, **changes: object) -> Settings:
 @contextmanager
 def serving(decided: Decided, settings: Settings) -> Iterator[Server]:
     """The app on a real uvicorn server in a thread."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("review server did not start")
-        time.sleep(0.02)
-    try:
-        yield Server(f"http://127.0.0.1:{port}", settings, decided.store, decided)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with served(create_app(settings)) as url:
+        yield Server(url, settings, decided.store, decided)
 
 
 @pytest.fixture(scope="module")

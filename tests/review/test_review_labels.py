@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import free_port, subprocess_env
+from tests.conftest import subprocess_env
 from tests.review.conftest import Decided
 from worker.cli.main import app
+from worker.process.localredis import free_port
 from worker.records import Decision, Verdict
 from worker.review.auth import Directory, Role, read_store
 from worker.review.media import image_source
@@ -61,13 +62,13 @@ def test_labels_export_writes_the_latest_override_per_image(decided: Decided, tm
     assert csv.loc[a.image_uri, "source"] == image_source(a) and csv.loc[a.image_uri, "group"] == a.item_id
     assert csv.loc[a.image_uri, "model_score"] == pytest.approx(a.ai_score)
     # every verdict stays: c was blocked by mia, then marked real by ada (the final label)
-    assert csv.loc[c.image_uri, ["n_verdicts", "n_block", "n_allow", "n_agree"]].tolist() == [2, 1, 1, 1]
+    assert list(csv.loc[c.image_uri, ["n_verdicts", "n_block", "n_allow", "n_agree"]]) == [2, 1, 1, 1]
     assert csv.loc[c.image_uri, "moderators"] == "mia;ada"
     assert csv.loc[c.image_uri, "final_verdict"] == "allow"
-    votes = json.loads(csv.loc[c.image_uri, "verdicts"])
+    votes = json.loads(str(csv.loc[c.image_uri, "verdicts"]))
     assert [(v["moderator"], v["verdict"]) for v in votes] == [("mia", "block"), ("ada", "allow")]
     assert votes[1]["note"] == "second look" and all(v["at"] for v in votes)
-    assert csv.loc[a.image_uri, ["n_verdicts", "n_agree"]].tolist() == [1, 1]
+    assert list(csv.loc[a.image_uri, ["n_verdicts", "n_agree"]]) == [1, 1]
 
     code, output = export(decided, tmp_path / "verdicts.csv", "--per-verdict")
     assert code == 0 and "4 verdicts" in output, output

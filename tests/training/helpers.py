@@ -1,10 +1,8 @@
-"""Run ``moderation`` as a user does: a real subprocess with this checkout's code."""
+"""Run ``moderation`` in this process, as a user would from a shell (typer's CliRunner)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from tests.conftest import run_cli  # noqa: F401  (re-exported for the training tests)
 
 
 def invoke(*args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:

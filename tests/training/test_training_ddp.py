@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import free_port, subprocess_env
+from tests.conftest import subprocess_env
+from worker.process.localredis import free_port
 from worker.scoring.checkpoint import load_checkpoint
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from timm.models import ConvNeXt
 
 from tests.training.helpers import invoke
 from training.evaluate import bootstrap, calibration, threshold_for_fpr, threshold_for_precision
@@ -21,6 +22,7 @@ def constant_checkpoint(path: Path, logit: float) -> Path:
     """A real test_convnext checkpoint whose head ignores the image: always this logit."""
     torch.manual_seed(0)
     model = create_model("test_convnext")
+    assert isinstance(model, ConvNeXt)
     head = model.get_classifier()
     assert isinstance(head, torch.nn.Linear)
     with torch.no_grad():
@@ -130,8 +132,8 @@ def test_gate_refuses_a_candidate_that_undoes_moderator_overrides(image_set: Pat
     reg_dir = tmp_path / "registry"
     env = {"MODERATION_HOME": str(tmp_path / "home")}
     labels.assign(split="test").to_csv(tmp_path / "heldout.csv", index=False)  # nothing here was trained on
-    common = ("-l", "heldout.csv", "--overrides-file", "overrides.csv")
-    common += ("--registry", str(reg_dir), "--min-heldout", "20", "--min-per-class", "10", "--n-boot", "200")
+    common = ["-l", "heldout.csv", "--overrides-file", "overrides.csv"]
+    common += ["--registry", str(reg_dir), "--min-heldout", "20", "--min-per-class", "10", "--n-boot", "200"]
 
     code, out, err = invoke("gate", str(says_real), *common, "--min-roc-auc", "0.9", cwd=tmp_path, env=env)
     assert code == 3 and "min_roc_auc" in err, out + err  # a constant model is below any useful floor

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import subprocess_env
-from tests.training.helpers import run_cli
+from tests.conftest import run_cli, subprocess_env
+from tests.waiting import eventually
 from training.jobs import JobStore
 from worker.lifecycle.registry import LocalStore, Registry
 
@@ -36,16 +35,18 @@ def test_retrain_runs_on_the_training_worker_and_reports(
         stderr=subprocess.STDOUT,
     )
     try:
-        opts = ("arch=test_resnet", "crop_size=32", "epochs=1", "batch_size=8", "workers=0", "device=cpu")
-        opts += ("min_heldout_per_class=2",)
-        bogus = run_cli("retrain", "-l", str(image_set), "-O", "bogus=1", cwd=tmp_path, **env)
+        opts = ["arch=test_resnet", "crop_size=32", "epochs=1", "batch_size=8", "workers=0", "device=cpu"]
+        opts.append("min_heldout_per_class=2")
+        bogus = run_cli(
+            "retrain", "-l", str(image_set), "-O", "bogus=1", cwd=tmp_path, env=subprocess_env(**env)
+        )
         assert bogus.returncode == 2 and "bogus" in bogus.stderr and "Traceback" not in bogus.stderr
         sent = run_cli(
             "retrain",
             *("-l", str(image_set), "--publish", "--min-heldout", "0", "--min-per-class", "0"),
             *[a for o in opts for a in ("-O", o)],
             cwd=tmp_path,
-            **env,
+            env=subprocess_env(**env),
         )
         assert sent.returncode == 0, sent.stderr[-2000:]
         import redis
@@ -53,12 +54,14 @@ def test_retrain_runs_on_the_training_worker_and_reports(
         store = JobStore(redis.Redis.from_url(redis_url, decode_responses=True), "tj")
         job_id = store.latest()[0]
         assert job_id in sent.stdout
-        deadline = time.monotonic() + 240
-        while store.get(job_id).get("state") in ("queued", "running"):
+
+        def finished() -> dict[str, str]:
+            """The job's status once it ended; empty while it is queued or running."""
             assert proc.poll() is None, (tmp_path / "train-worker.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, store.get(job_id)
-            time.sleep(0.5)
-        status = store.get(job_id)
+            job = store.get(job_id)
+            return {} if job.get("state") in ("queued", "running") else job
+
+        status = eventually(finished, f"training job {job_id} to finish", timeout=240, interval=0.5)
         assert status["state"] == "succeeded", status.get("traceback") or status
         report = json.loads(status["report"])
         assert report["split"] == "test" and report["test"]["n"] > 0
@@ -67,10 +70,10 @@ def test_retrain_runs_on_the_training_worker_and_reports(
         registry = Registry(LocalStore(tmp_path / "home" / "registry"))
         assert registry.current_version() == status["version"]
 
-        shown = run_cli("retrain", "status", cwd=tmp_path, COLUMNS="200", **env)
+        shown = run_cli("retrain", "status", cwd=tmp_path, env=subprocess_env(COLUMNS="200", **env))
         assert shown.returncode == 0, shown.stderr
         assert job_id in shown.stdout and "succeeded" in shown.stdout and "ROC-AUC" in shown.stdout
-        missing = run_cli("retrain", "status", "nope", cwd=tmp_path, **env)
+        missing = run_cli("retrain", "status", "nope", cwd=tmp_path, env=subprocess_env(**env))
         assert missing.returncode == 2 and "unknown training job" in missing.stderr
     finally:
         proc.terminate()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -38,7 +39,7 @@ ROWS = [
 ]
 
 
-def write_csv(path: Path, rows: list[tuple[object, ...]] = ROWS) -> Path:
+def write_csv(path: Path, rows: Sequence[tuple[object, ...]] = ROWS) -> Path:
     pd.DataFrame(rows, columns=["image_uri", "ai_score", "source", "split"]).to_csv(path, index=False)
     return path
 

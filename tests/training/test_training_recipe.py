@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.training.helpers import run_cli
+from tests.conftest import run_cli
 from training.data import assign_splits, rehearsal_sample
 from training.labels import LabelsError, load_labels
 from training.recipe import TrainConfig, train
@@ -93,14 +93,9 @@ def test_group_splits_and_conflicts(image_set: Path) -> None:
 
 def test_rehearsal_buffer_keeps_each_stratum(image_set: Path) -> None:
     df, _ = load_labels(image_set)
-    old = pd.concat(
-        [df]
-        + [
-            df[df["source"] == "cam"].assign(image_uri=lambda d, i=i: d["image_uri"] + f"#{i}")
-            for i in range(3)
-        ],
-        ignore_index=True,
-    )  # cam 4x as frequent as gen
+    cam = df[df["source"] == "cam"]
+    copies = [cam.assign(image_uri=cam["image_uri"] + f"#{i}") for i in range(3)]
+    old = pd.concat([df, *copies], ignore_index=True)  # cam 4x as frequent as gen
     buf = rehearsal_sample(old, 10, seed=0)
     assert len(buf) == 10 and buf["image_uri"].is_unique
     counts = buf["source"].value_counts()

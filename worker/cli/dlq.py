@@ -34,7 +34,9 @@ def _queue() -> DeadLetterQueue:
     return DeadLetterQueue(DecisionStore.from_url(redis_url, settings.namespace))
 
 
-def _select(dlq: DeadLetterQueue, reason: list[str] | None, ids: list[str] | None, every: bool) -> list:
+def _select(
+    dlq: DeadLetterQueue, reason: list[str] | None, ids: list[str] | None, every: bool
+) -> list[DeadLetter]:
     if not (reason or ids or every):
         raise fail("say which entries: --reason R, --id ID or --all (see `moderation dlq list`)")
     return dlq.select(reasons=reason, ids=ids, everything=every)

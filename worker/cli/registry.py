@@ -172,7 +172,7 @@ def models(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List published versions with metrics, the current one, and who promoted what when."""
-    from worker.lifecycle.reload import ModelKeys
+    from worker.keys import Keys
 
     settings = _settings(registry, redis_url)
     reg = _open(settings)
@@ -184,7 +184,7 @@ def models(
         try:
             refused = {
                 (k.decode() if isinstance(k, bytes) else k): json.loads(v)
-                for k, v in client.hgetall(ModelKeys(settings.namespace).refused).items()
+                for k, v in client.hgetall(Keys(settings.namespace).model_refused).items()
             }
         except Exception:  # Redis is optional here: the registry alone answers the question
             refused = {}
@@ -244,12 +244,12 @@ def shadow_start(
     by: ByOpt = None,
 ) -> None:
     """Workers load VERSION next to current and score every batch with it too, without deciding."""
-    from worker.lifecycle.reload import ModelKeys
+    from worker.keys import Keys
 
     settings = _settings(registry, redis_url)
     _guard(_open(settings).manifest, version)  # refuse typos before any worker tries to load it
     client = _redis(settings, required=True)
-    keys = ModelKeys(settings.namespace)
+    keys = Keys(settings.namespace)
     if reset:
         client.delete(keys.shadow_stats(version))
     client.set(keys.shadow, version)
@@ -263,11 +263,11 @@ def shadow_stop(
     by: ByOpt = None,
 ) -> None:
     """Stop shadow scoring (the statistics stay for the report)."""
-    from worker.lifecycle.reload import ModelKeys
+    from worker.keys import Keys
 
     settings = _settings(None, redis_url)
     client = _redis(settings, required=True)
-    keys = ModelKeys(settings.namespace)
+    keys = Keys(settings.namespace)
     raw = client.get(keys.shadow)
     client.delete(keys.shadow)
     _notify(settings, "shadow", None, _who(by))
@@ -284,12 +284,12 @@ def shadow_report(
 ) -> None:
     """Agreement, score drift and latency cost of the shadow version against current."""
     from worker.cli.common import fail
-    from worker.lifecycle.reload import ModelKeys
+    from worker.keys import Keys
     from worker.lifecycle.shadow import report
 
     settings = _settings(None, redis_url)
     client = _redis(settings, required=True)
-    keys = ModelKeys(settings.namespace)
+    keys = Keys(settings.namespace)
     if version is None:
         raw = client.get(keys.shadow)
         if raw is None:

@@ -291,14 +291,15 @@ class S3Target:
 
 
 def open_target(uri: str, settings: Settings | None = None) -> LocalTarget | S3Target:
+    """The archive at ``uri``: a folder, or s3:// (which needs the deployment's settings for the client)."""
     if uri.startswith("s3://"):
-        from worker.settings import Settings
-
         try:
             S3Uri.parse(uri)
         except ValueError as exc:
             raise ArchiveError(str(exc)) from None
-        return S3Target(uri, make_client(settings or Settings()))
+        if settings is None:
+            raise ArchiveError(f"{uri}: an s3:// archive needs the S3 settings")
+        return S3Target(uri, make_client(settings))
     if "://" in uri and not uri.startswith("file://"):
         raise ArchiveError(f"archive URI must be a folder or s3://bucket/prefix, not {uri!r}")
     return LocalTarget(uri.removeprefix("file://"))

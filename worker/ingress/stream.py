@@ -91,8 +91,3 @@ def _text_or_repr(v: Any) -> str:
         except UnicodeDecodeError:
             return repr(v)
     return str(v)
-
-
-def entry_fields(event_json: str | bytes) -> dict[str, str | bytes]:
-    """The fields of a stream entry carrying this event JSON (what ``XADD`` is given)."""
-    return {EVENT_FIELD: event_json}

@@ -12,7 +12,6 @@ that follows ``current`` never finds half a checkpoint. The pointer is one objec
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -244,7 +243,3 @@ def open_registry(settings: Settings, root: str | None = None) -> Registry:
     root = root or settings.default_registry
     store: Store = S3Store(root, settings) if root.startswith("s3://") else LocalStore(root)
     return Registry(store)
-
-
-def pointer_json(p: Pointer) -> str:
-    return json.dumps(p.model_dump(mode="json"))

@@ -27,12 +27,12 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from worker.errors import CheckpointError, InvalidCheckpoint
+from worker.keys import Keys
 from worker.lifecycle import shadow
 from worker.ops.metrics import Metrics
 from worker.records import utcnow
@@ -47,33 +47,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger("worker.lifecycle.reload")
 
 
-@dataclass(frozen=True)
-class ModelKeys:
-    """Redis names the registry CLI and every watcher agree on."""
-
-    ns: str
-
-    @property
-    def channel(self) -> str:  # pub/sub: "current moved" or "shadow changed"; a hint, never the truth
-        return f"{self.ns}:model"
-
-    @property
-    def shadow(self) -> str:  # string: the version to shadow, absent when shadow mode is off
-        return f"{self.ns}:shadow"
-
-    def shadow_stats(self, version: str) -> str:  # hash, see worker.lifecycle.shadow
-        return f"{self.ns}:shadow:{version}"
-
-    @property
-    def refused(self) -> str:  # hash: version -> JSON {reason, detail, worker, at} of the last refusal
-        return f"{self.ns}:model:refused"
-
-
 def notify(client: Any, ns: str, action: str, version: str | None, by: str) -> bool:
     """Best-effort PUBLISH so watchers reload now rather than at their next poll."""
     message = json.dumps({"action": action, "version": version, "by": by, "at": utcnow().isoformat()})
     try:
-        client.publish(ModelKeys(ns).channel, message)
+        client.publish(Keys(ns).model_channel, message)
         return True
     except Exception as exc:  # the pointer is already flipped; polling will find it
         log.warning("reload_notify_failed", action=action, version=version, error=str(exc))
@@ -121,7 +99,7 @@ class ModelWatcher:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.redis = redis_client
-        self.keys = ModelKeys(settings.namespace)
+        self.keys = Keys(settings.namespace)
         self.pinned = settings.checkpoint
         self._registry = registry
         self._lock = threading.Lock()  # guards the two references below
@@ -219,10 +197,6 @@ class ModelWatcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def wake(self) -> None:
-        """Check the registry now instead of at the next poll."""
-        self._wake.set()
 
     def check_now(self) -> str | None:
         """One watch step: follow ``current`` and the shadow setting. Returns the version now served."""
@@ -419,7 +393,7 @@ class ModelWatcher:
             record = {"reason": exc.reason, "detail": exc.detail[:500], "worker": self.worker_name}
             with contextlib.suppress(Exception):
                 self.redis.hset(
-                    self.keys.refused, version, json.dumps({**record, "at": utcnow().isoformat()})
+                    self.keys.model_refused, version, json.dumps({**record, "at": utcnow().isoformat()})
                 )
 
     def _skip(self, version: str) -> bool:
@@ -469,7 +443,7 @@ class ModelWatcher:
             pubsub = None
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.keys.channel)
+                pubsub.subscribe(self.keys.model_channel)
                 backoff = 0.5
                 while not self._stop.is_set():
                     if pubsub.get_message(timeout=1.0) is not None:

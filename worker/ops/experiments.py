@@ -35,8 +35,8 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Run configuration, once."""
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Numeric figures of one epoch (or step)."""
+    def log_metrics(self, metrics: Mapping[str, object], step: int) -> None:
+        """Numeric figures of one epoch (or step); other values are skipped."""
 
     def close(self) -> None:
         """Flush and finish the run."""
@@ -48,7 +48,7 @@ class Tracker:
         self.close()
 
 
-def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+def _numeric(metrics: Mapping[str, object]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
@@ -65,7 +65,7 @@ class TensorBoardTracker(Tracker):
         text = json.dumps(dict(params), indent=2, default=str)
         self.writer.add_text("config", f"```\n{text}\n```")
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, object], step: int) -> None:
         for key, value in _numeric(metrics).items():
             self.writer.add_scalar(key.replace("val_", "val/", 1), value, global_step=step)
         self.writer.flush()
@@ -86,7 +86,7 @@ class MLflowTracker(Tracker):
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, object], step: int) -> None:
         self.mlflow.log_metrics(_numeric(metrics), step=step)
 
     def close(self) -> None:
@@ -113,7 +113,7 @@ class _Guarded(Tracker):
     def log_params(self, params: Mapping[str, Any]) -> None:
         self._call("log_params", params)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, object], step: int) -> None:
         self._call("log_metrics", metrics, step)
 
     def close(self) -> None:

@@ -95,7 +95,7 @@ def _current_stderr_logger(*_: Any) -> structlog.WriteLogger:
     return structlog.WriteLogger(sys.stderr)
 
 
-class _StderrHandler(logging.StreamHandler):
+class _StderrHandler(logging.StreamHandler[TextIO]):
     """A stream handler that follows ``sys.stderr`` instead of keeping the one it was created with."""
 
     def __init__(self) -> None:

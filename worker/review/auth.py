@@ -30,6 +30,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from worker.keys import Keys
 from worker.settings import Settings
 
 CSRF_FIELD = "csrf_token"
@@ -262,14 +263,14 @@ class LoginThrottle:
 
     def __init__(self, client: Any, namespace: str, settings: Settings) -> None:
         self.r = client
-        self.ns = namespace
+        self.names = Keys(namespace)
         self.settings = settings
         self.slots = threading.BoundedSemaphore(settings.review_login_concurrency)
         self._attempt = client.register_script(_ATTEMPT)
 
     def keys(self, address: str, name: str) -> list[str]:
         digest = hashlib.sha256(name.encode()).hexdigest()[:32]  # any text fits a key, none is echoed
-        return [f"{self.ns}:review:login:client:{address}", f"{self.ns}:review:login:name:{digest}"]
+        return [self.names.login_client(address), self.names.login_name(digest)]
 
     def attempt(self, address: str, name: str) -> float:
         """0 when this attempt may check a password (and is now counted), else seconds to wait."""
@@ -296,11 +297,11 @@ class Sessions:
 
     def __init__(self, client: Any, namespace: str, max_age_s: int) -> None:
         self.r = client
-        self.ns = namespace
+        self.names = Keys(namespace)
         self.max_age_s = max_age_s
 
     def _key(self, sid: str) -> str:
-        return f"{self.ns}:review:session:{sid}"
+        return self.names.review_session(sid)
 
     def create(self, name: str) -> str:
         sid = secrets.token_urlsafe(32)

@@ -18,9 +18,10 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import load_file, save_file
@@ -34,6 +35,8 @@ from worker.scoring.model import create_model, to_input
 
 if TYPE_CHECKING:
     from worker.settings import Settings
+
+Logits = TypeVar("Logits", float, npt.NDArray[np.float64])
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -80,7 +83,7 @@ class Calibration(BaseModel):
     offset: float = 0.0
     fitted_on: int = Field(0, ge=0, description="labelled items the fit used")
 
-    def apply(self, logits: Any) -> Any:
+    def apply(self, logits: Logits) -> Logits:
         return logits / self.temperature + self.offset
 
 
@@ -183,16 +186,17 @@ def read_manifest(path: Path) -> Manifest:
 
 
 def fetch_checkpoint(uri: str, settings: Settings | None = None, cache_dir: Path | None = None) -> Path:
-    """A local directory holding the checkpoint at ``uri`` (downloaded once from s3:// into a cache)."""
+    """A local directory holding the checkpoint at ``uri`` (downloaded once from s3:// into a cache).
+
+    ``settings`` (S3 client, cache folder) is needed for s3:// only.
+    """
     if not uri.startswith("s3://"):
         path = Path(uri.removeprefix("file://")).expanduser()
         if not path.is_dir():
             raise CheckpointError(f"checkpoint directory not found: {path}")
         return path
     if settings is None:
-        from worker.settings import Settings
-
-        settings = Settings()
+        raise CheckpointError(f"{uri}: an s3:// checkpoint needs the S3 settings")
     from botocore.exceptions import ClientError
 
     client = make_client(settings)
@@ -280,10 +284,12 @@ def check_golden(ckpt: Checkpoint, device: str = "cpu", tolerance: float = 0.05)
         )
 
 
-def sigmoid(x: Any) -> Any:
-    """The logistic function for scalars and arrays (the one the scoring path uses); never overflows."""
-    y = 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
-    return float(y) if np.ndim(y) == 0 else y
+def sigmoid(x: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """The logistic function, elementwise (the one the scoring path uses); never overflows.
+
+    A scalar gives a 0-d array: ``float(sigmoid(z))``.
+    """
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
 
 
 def upload_checkpoint(local: Path, uri: str, settings: Settings) -> None:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal, overload
 
 import numpy as np
 import structlog
@@ -30,7 +30,7 @@ from worker.media.fetch import Fetcher
 from worker.media.jpeg import JpegDecoder, Pending
 from worker.media.provenance import ProvenanceReader
 from worker.records import Box, CropScore, Decision, Event, Provenance, Verdict
-from worker.scoring.checkpoint import Checkpoint, Manifest, check_golden, load_checkpoint, sigmoid
+from worker.scoring.checkpoint import Checkpoint, Logits, Manifest, check_golden, load_checkpoint, sigmoid
 from worker.scoring.duplicates import DuplicateIndex, Match, pdq_hash, pdq_hash_image
 from worker.scoring.model import to_input
 from worker.scoring.policy import provenance_verdict, verdict_for
@@ -100,6 +100,12 @@ def read_evidence(
     return prov
 
 
+@overload
+def prepare(
+    uri: str, fetcher: Fetcher, spec: CropSpec, *, defer_jpeg: Literal[False] = False
+) -> Prepared: ...
+@overload
+def prepare(uri: str, fetcher: Fetcher, spec: CropSpec, *, defer_jpeg: bool) -> Prepared | Pending: ...
 def prepare(uri: str, fetcher: Fetcher, spec: CropSpec, *, defer_jpeg: bool = False) -> Prepared | Pending:
     """Fetch, decode and crop one image; raises :class:`ModerationError` with a reason.
 
@@ -143,6 +149,14 @@ def _decode_crop(data: bytes, spec: CropSpec, settings: Settings, *, evidence: b
     return prepared
 
 
+@overload
+def prepare_or_error(
+    uri: str, fetcher: Fetcher, spec: CropSpec, *, defer_jpeg: Literal[False] = False
+) -> Prepared | ModerationError: ...
+@overload
+def prepare_or_error(
+    uri: str, fetcher: Fetcher, spec: CropSpec, *, defer_jpeg: bool
+) -> Prepared | Pending | ModerationError: ...
 def prepare_or_error(
     uri: str, fetcher: Fetcher, spec: CropSpec, *, defer_jpeg: bool = False
 ) -> Prepared | Pending | ModerationError:
@@ -240,7 +254,7 @@ class Scorer:
     def version(self) -> str:
         return self.manifest.version
 
-    def calibrated(self, logits: Any) -> Any:
+    def calibrated(self, logits: Logits) -> Logits:
         """The manifest's calibration applied to aggregated logits (identity without one)."""
         cal = self.manifest.calibration
         return logits if cal is None else cal.apply(logits)
@@ -268,7 +282,7 @@ class Scorer:
                 flush()
                 n = 0
         flush()
-        return np.asarray(self.calibrated(np.asarray(out, dtype=np.float64)), dtype=np.float64)
+        return self.calibrated(np.asarray(out, dtype=np.float64))
 
     def image_scores(self, images: Iterable[Image.Image]) -> np.ndarray:
         """ai_score per decoded image, exactly as a decision would carry it."""
