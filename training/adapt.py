@@ -84,6 +84,14 @@ class AdaptConfig(BaseModel):
     layer_decay: float | None = Field(
         None, gt=0, le=1, description="Layer-wise LR decay: early layers learn slower; None: one LR."
     )
+    freeze_bn: bool = Field(
+        False, description="BatchNorm keeps the init checkpoint's statistics while fine-tuning (eval mode)."
+    )
+    average_epochs: int = Field(
+        0,
+        ge=0,
+        description="With no held-out slice, export the mean of the last N epochs' weights (SWA); 0: off.",
+    )
     seed: int = Field(0, description="Seed for the split, sampling and augmentation (a run repeats).")
     workers: int = Field(0, ge=0, description="Data loader processes.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
@@ -142,7 +150,12 @@ def split_new(df: pd.DataFrame, cfg: AdaptConfig) -> pd.DataFrame:
         warnings.warn(
             f"{len(rest)} new items ({counts[1]} AI, {counts[0]} real): too few to hold "
             f"{cfg.min_per_class} of each class out for best-epoch selection, so all of them train and "
-            "the last epoch is exported. "
+            + (
+                f"the mean of the last {cfg.average_epochs} epochs"
+                if cfg.average_epochs
+                else "the last epoch"
+            )
+            + " is exported. "
             "Fix: label more items, or mark some split=val",
             TrainingWarning,
             stacklevel=2,
@@ -184,6 +197,7 @@ def adapt(cfg: AdaptConfig, settings: Settings) -> AdaptResult:
 
     probe = refit_probe(uri, train_csv, cfg, settings, base, crop) if cfg.probe or cfg.lp_ft else None
     start = str(probe.checkpoint) if cfg.lp_ft and probe is not None else uri
+    select_best = bool((table["split"] == "val").any())
     tcfg = TrainConfig(
         labels=train_csv,
         out=cfg.out / "finetune",
@@ -198,7 +212,9 @@ def adapt(cfg: AdaptConfig, settings: Settings) -> AdaptResult:
         clip_grad=1.0,
         val_frac=0.0,
         test_frac=0.0,
-        select_best=bool((table["split"] == "val").any()),
+        select_best=select_best,
+        freeze_bn=cfg.freeze_bn,
+        average_epochs=0 if select_best else min(cfg.average_epochs, epochs),
         num_crops=base.num_crops,
         aggregation=base.aggregation,
         review=base.thresholds.review,
