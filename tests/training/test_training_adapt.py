@@ -234,6 +234,7 @@ def test_adapt_lp_ft_starts_from_the_probe_head_and_interpolate_exports_part_of_
 
     code, out, _ = invoke("adapt", "--help", cwd=tmp_path, env={"COLUMNS": "200"})
     assert code == 0 and "--lp-ft" in out and "--interpolate" in out and "--layer-decay" in out
+    assert "--freeze-bn" in out and "--average-epochs" in out
 
 
 def test_adapt_freeze_bn_keeps_the_init_statistics_while_the_weights_train(
