@@ -86,6 +86,16 @@ class TrainConfig(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     clip_grad: float | None = Field(None, description="Max gradient norm; None: no clipping.")
     ema_decay: float | None = Field(None, description="EMA of weights (e.g. 0.999); the EMA is exported.")
+    freeze_bn: bool = Field(
+        False,
+        description="BatchNorm keeps the start's running statistics (eval mode) while the weights train.",
+    )
+    average_epochs: int = Field(
+        0,
+        ge=0,
+        description="Export the mean of the weights after each of the last N epochs (SWA); 0: off. "
+        "A best epoch picked by select_best wins.",
+    )
     drop_path: float = 0.0
     pos_weight: float | Literal["auto"] | None = Field("auto", description="auto: negatives / positives.")
     hflip: bool = Field(True, description="Random horizontal flips.")
@@ -347,6 +357,8 @@ def train_one_epoch(
     from worker.scoring.model import to_input
 
     model.train()
+    if cfg.freeze_bn:
+        set_bn_eval(model)
     cuda = device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
     total, n = 0.0, 0
@@ -372,6 +384,17 @@ def train_one_epoch(
         n += len(y)
         bar.set_postfix(loss=f"{total / max(1, n):.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
     return total / max(1, n), step, n
+
+
+def set_bn_eval(model: torch.nn.Module) -> None:
+    """BatchNorm layers normalise with their running statistics and stop updating them.
+
+    A few-label batch is mostly crops of a handful of images: its statistics are noisy, and written into
+    the running averages they replace what the start learnt from thousands. The affine weights still train.
+    """
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 def validate(
@@ -532,6 +555,7 @@ def train(
     tracker = open_tracker(settings, run) if d.main else Tracker()
     tracker.log_params(cfg.model_dump(mode="json"))
     best_auc, best_epoch, best_state = -1.0, None, None  # select_best: kept in memory, not across a resume
+    swa: torch.optim.swa_utils.AveragedModel | None = None  # average_epochs: likewise
     for epoch in range(start, end):
         ds.set_epoch(epoch)
         if loader.generator is not None:  # data order depends on the epoch only, so resuming replays it
@@ -568,6 +592,10 @@ def train(
             }
             history.append(row)
             tracker.log_metrics(row, step=epoch)
+            if cfg.average_epochs and epoch >= cfg.epochs - cfg.average_epochs:
+                if swa is None:
+                    swa = torch.optim.swa_utils.AveragedModel(unwrap(eval_model), use_buffers=True)
+                swa.update_parameters(unwrap(eval_model))
             if cfg.select_best and "roc_auc" in val and val["roc_auc"] > best_auc:
                 best_auc, best_epoch = val["roc_auc"], epoch
                 best_state = copy.deepcopy(unwrap(eval_model).state_dict())
@@ -596,9 +624,13 @@ def train(
         return RunResult(run, run / "checkpoint", None, history)
     final = ema.module if ema is not None else model
     chosen = history[-1] if history else {}
+    averaged = 0
     if best_state is not None and best_epoch is not None:
         unwrap(final).load_state_dict(best_state)
         chosen = next((h for h in history if h["epoch"] == best_epoch), chosen)
+    elif swa is not None:
+        averaged = int(swa.n_averaged)
+        unwrap(final).load_state_dict(swa.module.state_dict())
     elif cfg.select_best:
         warnings.warn(
             "select_best: no validation ROC-AUC (no val split with both classes); the last epoch is exported",
@@ -616,6 +648,7 @@ def train(
             "pos_weight": pw,
             "epochs": cfg.epochs,
             "dropped_unreadable": len(bad),
+            "averaged_epochs": averaged,
         }
     )
     manifest = save_checkpoint(

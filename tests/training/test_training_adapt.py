@@ -234,3 +234,96 @@ def test_adapt_lp_ft_starts_from_the_probe_head_and_interpolate_exports_part_of_
 
     code, out, _ = invoke("adapt", "--help", cwd=tmp_path, env={"COLUMNS": "200"})
     assert code == 0 and "--lp-ft" in out and "--interpolate" in out and "--layer-decay" in out
+    assert "--freeze-bn" in out and "--average-epochs" in out
+
+
+def test_adapt_freeze_bn_keeps_the_init_statistics_while_the_weights_train(
+    image_set: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from training.adapt import AdaptConfig, adapt
+    from worker.scoring.checkpoint import init_checkpoint, load_checkpoint
+
+    settings = Settings(home=tmp_path / "home", device="cpu")
+    init = tmp_path / "bn-init"
+    init_checkpoint("test_efficientnet", init, crop_size=64, seed=1)  # a tiny real model with BatchNorm
+    old = pd.read_csv(image_set).assign(split="train")
+    old.to_csv(tmp_path / "old-splits.csv", index=False)
+    common = {
+        "labels": write_image_set(tmp_path / "new", n=12, size=64, seed=5),
+        "init_from": str(init),
+        "rehearsal_labels": tmp_path / "old-splits.csv",
+        "rehearsal_size": 6,
+        "epochs": 2,
+        "batch_size": 8,
+        "lr": 1e-2,
+        "device": "cpu",
+        "probe": False,
+    }
+
+    def bn_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        state = load_checkpoint(str(path), settings).model.state_dict()
+        stats = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
+        affine = {
+            k[: -len("running_mean")] + "weight": state[k[: -len("running_mean")] + "weight"]
+            for k in stats
+            if k.endswith("running_mean")
+        }
+        return stats, affine
+
+    start_stats, start_affine = bn_state(init)
+    assert start_stats  # the model has BatchNorm layers, so the check below means something
+    frozen = adapt(AdaptConfig(out=tmp_path / "frozen", freeze_bn=True, **common), settings)
+    stats, affine = bn_state(frozen.candidates[0].checkpoint)
+    assert all(torch.equal(stats[k], v) for k, v in start_stats.items())
+    assert any(not torch.allclose(affine[k], v, atol=1e-4) for k, v in start_affine.items())
+
+    free = adapt(AdaptConfig(out=tmp_path / "free", **common), settings)  # the default: statistics move
+    stats, _ = bn_state(free.candidates[0].checkpoint)
+    assert any(not torch.allclose(stats[k], v, atol=1e-4) for k, v in start_stats.items())
+
+
+def test_average_epochs_exports_the_mean_of_the_last_epochs_weights(image_set: Path, tmp_path: Path) -> None:
+    import torch
+
+    from training.recipe import STATE, TrainConfig, train
+    from worker.scoring.checkpoint import init_checkpoint, load_checkpoint
+
+    settings = Settings(home=tmp_path / "home", device="cpu")
+    init = tmp_path / "bn-init"
+    init_checkpoint("test_efficientnet", init, crop_size=64, seed=1)
+
+    def cfg(out: str, average: int) -> TrainConfig:
+        return TrainConfig(
+            labels=image_set,
+            out=tmp_path / out,
+            init_from=str(init),
+            epochs=3,
+            batch_size=8,
+            lr=1e-2,
+            val_frac=0.0,
+            test_frac=0.0,
+            average_epochs=average,
+            workers=0,
+            device="cpu",
+            progress=False,
+        )
+
+    averaged = train(cfg("avg", 2), settings)
+    assert averaged is not None and averaged.manifest is not None
+    assert averaged.manifest.metrics["averaged_epochs"] == 2
+    # the same run without averaging, stopped after two epochs (the second-to-last weights), then finished
+    train(cfg("plain", 0), settings, stop_after=2)
+    second = torch.load(tmp_path / "plain" / STATE, map_location="cpu", weights_only=True)["model"]
+    plain = train(cfg("plain", 0), settings, resume=True)
+    assert plain is not None and plain.manifest is not None
+    assert plain.manifest.metrics["averaged_epochs"] == 0
+    last = load_checkpoint(str(plain.checkpoint), settings).model.state_dict()
+    got = load_checkpoint(str(averaged.checkpoint), settings).model.state_dict()
+    moved = [
+        k for k, v in last.items() if v.is_floating_point() and not torch.allclose(v, second[k], atol=1e-4)
+    ]
+    assert len(moved) > len(last) // 4  # the last epoch changed the weights, so the mean is a real check
+    for k in moved:
+        assert torch.allclose(got[k], (second[k] + last[k]) / 2, atol=1e-5), k
