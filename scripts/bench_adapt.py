@@ -163,8 +163,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.summarize:
-        rows = [json.loads(line) for f in args.summarize for line in f.read_text().splitlines() if line]
-        print(markdown(summarize(rows)))
+        merged = [json.loads(line) for f in args.summarize for line in f.read_text().splitlines() if line]
+        print(markdown(summarize(merged)))
         return
     adapt_options = dict(kv.split("=", 1) for kv in args.adapt_option)
     data = data_dir()

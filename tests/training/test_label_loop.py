@@ -40,7 +40,7 @@ def undecided_checkpoint(path: Path) -> Path:
     review (above the review threshold, below block), the real photos on the wrong side."""
     torch.manual_seed(0)
     model = create_model("test_convnext")
-    head = model.get_classifier()
+    head = model.get_classifier()  # type: ignore[operator]
     assert isinstance(head, torch.nn.Linear)
     with torch.no_grad():
         head.weight.zero_()

@@ -7,8 +7,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import redis
+from redis.typing import EncodableT, FieldT
 
-from tests.training.helpers import invoke, run_cli
+from tests.conftest import run_cli
+from tests.training.helpers import invoke
 from training.build import TeacherEntryReason, build_labels, teacher_from_stream
 from training.labels import LabelsError, load_labels, overrides_from_store
 from worker.delivery.store import DecisionStore
@@ -19,7 +21,8 @@ NS = "ts"
 
 def teach(client: redis.Redis, store: DecisionStore, **fields: str) -> str:
     """One XADD as the teacher does it; returns the entry id."""
-    return str(client.xadd(store.keys.teacher, fields))  # type: ignore[arg-type]
+    entry: dict[FieldT, EncodableT] = {k: v for k, v in fields.items()}
+    return str(client.xadd(store.keys.teacher, entry))
 
 
 def test_the_latest_score_per_image_wins_and_overrides_still_win(redis_url: str, tmp_path: Path) -> None:
@@ -40,7 +43,7 @@ def test_the_latest_score_per_image_wins_and_overrides_still_win(redis_url: str,
     assert rows.loc[a, "ai_score"] == 0.85 and rows.loc[a, "teacher_model"] == "teacher-v2"
     assert rows.loc[a, "source"] == "unknown"  # the latest entry, whole: its fields, not a merge
     assert rows.loc[b, "group"] == "pair-1" and rows.loc[b, "source"] == "unknown"
-    assert rows.loc[a, "teacher_at"].startswith(
+    assert str(rows.loc[a, "teacher_at"]).startswith(
         pd.Timestamp(int(later.split("-")[0]), unit="ms", tz="UTC").isoformat()[:19]
     )
     built = build_labels(teacher, None, overrides_from_store(store)).set_index("image_uri")
