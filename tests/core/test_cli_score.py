@@ -48,6 +48,26 @@ def test_checkpoint_show_verifies_and_prints_the_manifest(tmp_path: Path, tiny_c
 
 
 def test_help_everywhere(tmp_path: Path) -> None:
-    for args in ((), ("score",), ("checkpoint",), ("checkpoint", "init")):
-        out = run(*args, "--help", cwd=tmp_path)
-        assert out.returncode == 0 and "Usage" in out.stdout, (args, out.stderr)
+    """The installed entry point answers ``--help``; every command and group of the command it builds does too
+    (rendered by click's runner on that same command: one process start, not one per command)."""
+    out = run("--help", cwd=tmp_path)
+    assert out.returncode == 0 and "Usage" in out.stdout, out.stderr
+
+    from click.testing import CliRunner
+
+    from worker.cli.main import build_command
+
+    root = build_command()
+    paths: list[list[str]] = []
+
+    def walk(command: object, path: list[str]) -> None:
+        paths.append(path)
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    walk(root, [])
+    assert ["score"] in paths and ["checkpoint", "init"] in paths
+    runner = CliRunner()
+    for path in paths:
+        got = runner.invoke(root, [*path, "--help"], prog_name="moderation")
+        assert got.exit_code == 0 and "Usage: moderation" in got.output, (path, got.output, got.exception)

@@ -87,7 +87,7 @@ def test_kill_9_mid_way_and_restart_archives_every_decision_once(redis_url: str,
     )
     log = tmp_path / "archiver.log"
     written: set[str] = set()
-    for round_ in range(4):
+    for round_ in range(3):
         parts_before = len(list(root.rglob("*.parquet")))
         proc = start_archiver(env, log, "--batch", "50", "--flush-s", "0.05")
         # decisions arrive while the archiver runs; it is killed while more are still coming in
