@@ -1,7 +1,11 @@
-"""The simulated teacher on the shared aigen-dev set (skipped where /work/shared is not mounted)."""
+"""The simulated teacher on the aigen-dev set.
+
+Found through ``MODERATION_DEV_DATA`` or ``../shared/data/aigen-dev`` beside the checkout; skipped without it.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,9 +13,8 @@ import pytest
 from training.labels import summarize
 from training.simulate import simulated_teacher
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "aigen-dev"
-if not (DATA / "manifest.csv").is_file():
-    DATA = Path("/work/shared/data/aigen-dev")
+BESIDE = Path(__file__).resolve().parents[3] / "shared" / "data" / "aigen-dev"
+DATA = Path(os.environ.get("MODERATION_DEV_DATA") or BESIDE)
 
 
 @pytest.mark.skipif(not (DATA / "manifest.csv").is_file(), reason="shared aigen-dev data not available")
