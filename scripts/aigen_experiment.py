@@ -29,11 +29,12 @@ from training.evaluate import (
     score_with_checkpoint,
     summary_lines,
 )
-from training.gate import GatePolicy, gate_and_publish
+from training.gate import gate_and_publish
 from training.labels import load_labels, summarize
+from training.options import GatePolicy, TrainConfig
 from training.pretrained import resolve_pretrained
 from training.probe import fit_probe, save_probe
-from training.recipe import TrainConfig, train
+from training.recipe import train
 from training.simulate import simulated_teacher
 from worker.lifecycle.registry import LocalStore, Registry
 from worker.scoring.model import create_model, data_config

@@ -40,12 +40,13 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from training.adapt import AdaptConfig, adapt
+from training.adapt import adapt
 from training.calibrate import fit_calibration, raw_logits
 from training.data import ImageSource, assign_splits, score_uris
 from training.evaluate import bootstrap
 from training.labels import load_labels
-from training.recipe import TrainConfig, train
+from training.options import AdaptConfig, TrainConfig
+from training.recipe import train
 from worker.scoring.scorer import Scorer, sigmoid
 from worker.settings import Settings
 

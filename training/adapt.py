@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from training.data import MIN_HELDOUT_PER_CLASS, TrainingWarning, hard_labels
+from training.data import TrainingWarning, hard_labels
 from training.labels import LabelsError, load_labels
-from training.recipe import TrainConfig, init_uri, rehearsal_table, train, with_rehearsal
+from training.options import AdaptConfig, TrainConfig
+from training.recipe import init_uri, rehearsal_table, train, with_rehearsal
 from worker.scoring.checkpoint import (
     Manifest,
     fetch_checkpoint,
@@ -53,52 +53,6 @@ from worker.scoring.checkpoint import (
 from worker.settings import Settings
 
 IMAGES_SEEN = 2400  # per run, whatever the set size: about 10 epochs of 25 items x4 + 140 old ones
-
-
-class AdaptConfig(BaseModel):
-    """A few-label adaptation run; unset fields are chosen from the number of new items."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    labels: Path = Field(description="The new labelled items (labels table).")
-    out: Path = Field(description="Run directory: finetune/, probe/, new.csv.")
-    init_from: str = Field("current", description="Checkpoint dir/URI to adapt, or 'current'.")
-    rehearsal_labels: Path | None = Field(
-        None, description="Old labels (the old run's splits.csv or run dir); only their train rows are used."
-    )
-    rehearsal_size: int | None = Field(None, ge=0, description="Old items mixed in; default 4x new, >= 100.")
-    oversample: float | None = Field(None, gt=0, description="Times each new item is seen per epoch.")
-    epochs: int | None = Field(None, ge=1, description="Default: a fixed budget of images seen, 5 to 30.")
-    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW, cosine, short warmup).")
-    batch_size: int = Field(16, ge=1, description="Crops per training step.")
-    holdout_frac: float = Field(0.2, ge=0, lt=1, description="Share of new items for best-epoch selection.")
-    min_per_class: int = Field(MIN_HELDOUT_PER_CLASS, ge=1, description="Per class, to hold a slice out.")
-    crop_size: int | None = Field(None, ge=8, description="Default: the init checkpoint's.")
-    probe: bool = Field(True, description="Also refit the probe as a second candidate.")
-    lp_ft: bool = Field(
-        False, description="Start the fine-tune from the refitted probe's head (LP-FT), not the init head."
-    )
-    interpolate: float = Field(
-        1.0,
-        gt=0,
-        le=1,
-        description="Share of the fine-tuned weights in the export; the rest are the start's (WiSE-FT).",
-    )
-    layer_decay: float | None = Field(
-        None, gt=0, le=1, description="Layer-wise LR decay: early layers learn slower; None: one LR."
-    )
-    freeze_bn: bool = Field(
-        False, description="BatchNorm keeps the init checkpoint's statistics while fine-tuning (eval mode)."
-    )
-    average_epochs: int = Field(
-        0,
-        ge=0,
-        description="With no held-out slice, export the mean of the last N epochs' weights (SWA); 0: off.",
-    )
-    seed: int = Field(0, description="Seed for the split, sampling and augmentation (a run repeats).")
-    workers: int = Field(0, ge=0, description="Data loader processes.")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    progress: bool = Field(False, description="Progress bars.")
 
 
 @dataclass

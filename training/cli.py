@@ -19,6 +19,7 @@ import typer
 from pydantic import BaseModel
 from rich.table import Table
 
+from training.options import AdaptConfig, GatePolicy, TrainConfig
 from worker.cli.common import build_settings, console, fail
 
 LabelsOpt = Annotated[Path, typer.Option("--labels", "-l", help="Labels table: parquet, CSV or JSONL.")]
@@ -223,7 +224,7 @@ def _train(values: dict[str, Any], extras: dict[str, Any]) -> None:
 
     from training.labels import LabelsError, overrides_from_file
     from training.pretrained import PretrainedError
-    from training.recipe import TrainConfig, train
+    from training.recipe import train
     from worker.errors import CheckpointError
 
     try:
@@ -477,8 +478,6 @@ def gate_command(
 def _gate(values: dict[str, Any], extras: dict[str, Any]) -> None:
     from pydantic import ValidationError
 
-    from training.gate import GatePolicy
-
     try:
         policy = GatePolicy.model_validate({**values, "seed": extras["seed"]})
     except ValidationError as exc:
@@ -641,8 +640,8 @@ def adapt_command(
 def _adapt(values: dict[str, Any], extras: dict[str, Any]) -> None:
     from pydantic import ValidationError
 
-    from training.adapt import AdaptConfig, adapt
-    from training.gate import GatePolicy, GateResult, gate, publish_if_passed
+    from training.adapt import adapt
+    from training.gate import GateResult, gate, publish_if_passed
     from training.labels import LabelsError, load_labels, overrides_from_file, regression_set
     from training.pretrained import PretrainedError
     from training.recipe import rehearsal_table
@@ -823,7 +822,6 @@ def retrain(
     """Send a training job to the {ns}.training Celery queue (run by 'moderation train-worker')."""
     if ctx.invoked_subcommand is not None:
         return
-    from training.gate import GatePolicy
     from training.jobs import JobRequest, submit
 
     if labels is None:
@@ -838,8 +836,6 @@ def retrain(
         except json.JSONDecodeError:
             options[key.strip().replace("-", "_")] = value
     from pydantic import ValidationError
-
-    from training.recipe import TrainConfig
 
     try:  # a bad option fails here, at enqueue, not minutes later on the trainer
         TrainConfig.model_validate({**options, "labels": labels, "out": options.get("out", "unused")})
@@ -940,16 +936,10 @@ def register(app: typer.Typer, labels_app: typer.Typer) -> None:
     """Attach the training commands to the root CLI (the ``moderation.cli`` entry point)."""
     labels_app.command("report")(labels_report)
     labels_app.command("build")(labels_build)
-    from training.recipe import TrainConfig
-
     app.command("train")(command_from_config(TrainConfig, train_command, _train))
     app.command("probe")(probe_command)
     app.command("evaluate")(evaluate_command)
-    from training.gate import GatePolicy
-
     app.command("gate")(command_from_config(GatePolicy, gate_command, _gate))
-    from training.adapt import AdaptConfig
-
     app.command("adapt")(command_from_config(AdaptConfig, adapt_command, _adapt))
     app.command("calibrate")(calibrate_command)
     app.add_typer(retrain_app, name="retrain")

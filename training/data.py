@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from training.labels import HIGH, LabelsError
+from training.options import MIN_HELDOUT_PER_CLASS
 from worker.errors import ModerationError
 from worker.media.crops import training_crop
 from worker.media.decode import decode_image
@@ -30,10 +31,6 @@ if TYPE_CHECKING:
     from worker.settings import Settings
 
 Transform = Callable[[Image.Image], Image.Image]
-
-# A held-out slice is carved automatically only when it gets at least this many items of each class: an AUC
-# on 2 positives is noise, and those items are worth more as training data.
-MIN_HELDOUT_PER_CLASS = 5
 
 
 class TrainingWarning(UserWarning):

@@ -24,25 +24,12 @@ from pydantic import BaseModel, Field
 from scipy.stats import rankdata
 
 from training.data import ImageSource, hard_labels, score_uris
+from training.options import GatePolicy
 from worker.lifecycle.registry import Registry
 from worker.scoring.checkpoint import read_manifest
 from worker.settings import Settings
 
 DIGITS = 4
-
-
-class GatePolicy(BaseModel):
-    """How much evidence a candidate needs; the defaults refuse what a few dozen items cannot show."""
-
-    margin: float = Field(0.02, ge=0, description="Allowed held-out ROC-AUC drop (non-inferiority margin).")
-    override_margin: float = Field(0.0, ge=0, description="Allowed drop in agreement with moderators.")
-    min_heldout: int = Field(40, ge=0, description="Held-out items needed to compare at all.")
-    min_per_class: int = Field(10, ge=0, description="Held-out items of each class needed.")
-    min_overrides: int = Field(10, ge=0, description="Override items needed when there are any.")
-    min_roc_auc: float | None = Field(None, description="Absolute held-out ROC-AUC floor (point estimate).")
-    confidence: float = Field(0.95, gt=0, lt=1, description="Two-sided level of the paired interval.")
-    n_boot: int = Field(2000, ge=100)
-    seed: int = 0
 
 
 class GateCheck(BaseModel):

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel, Field
 
-from training.gate import GatePolicy
+from training.options import GatePolicy
 from worker.keys import Keys
 from worker.records import utcnow
 from worker.settings import Settings
@@ -92,7 +92,8 @@ def run_job(settings: Settings, job_id: str, request: JobRequest) -> dict[str, s
     from training.evaluate import evaluate_scores, score_with_checkpoint
     from training.gate import gate, gate_and_publish
     from training.labels import load_labels, overrides_from_store, regression_set
-    from training.recipe import TrainConfig, train
+    from training.options import TrainConfig
+    from training.recipe import train
     from worker.delivery.store import DecisionStore
     from worker.lifecycle.registry import open_registry
 

