@@ -59,7 +59,9 @@ class TrainConfig(BaseModel):
         0.2, ge=0, lt=1, description="Share of unsplit rows held out for test (if enough)."
     )
     min_heldout_per_class: int = Field(
-        5, ge=1, description="Carve a val/test slice only if it gets this many items of each class."
+        MIN_HELDOUT_PER_CLASS,
+        ge=1,
+        description="Carve a val/test slice only if it gets this many items of each class.",
     )
     seed: int = 0
     workers: int = Field(2, ge=0, description="Data loader processes.")

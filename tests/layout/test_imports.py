@@ -131,28 +131,26 @@ def test_import_graph_has_no_cycle_and_worker_never_imports_training() -> None:
             pytest.fail("import cycle: " + " -> ".join(cycle))
 
 
-def test_client_api_needs_no_torch() -> None:
-    code = (
-        "import sys\n"
-        "from worker import Producer\n"
-        "from worker.records import Decision, Event\n"
-        "heavy = ('torch', 'torchvision', 'timm', 'celery', 'PIL', 'numpy')\n"
-        "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n"
-    )
+def heavy_modules_loaded(imports: str, heavy: tuple[str, ...]) -> list[str]:
+    """Which of ``heavy`` a fresh interpreter holds after running ``imports``."""
+    code = f"import sys\n{imports}\nprint(','.join(sorted(m for m in {heavy!r} if m in sys.modules)))\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "", f"the client API imported {result.stdout.strip()}"
+    return [m for m in result.stdout.strip().split(",") if m]
+
+
+def test_client_api_needs_no_torch() -> None:
+    loaded = heavy_modules_loaded(
+        "from worker import Producer\nfrom worker.records import Decision, Event",
+        ("torch", "torchvision", "timm", "celery", "PIL", "numpy"),
+    )
+    assert loaded == [], f"the client API imported {','.join(loaded)}"
 
 
 def test_cli_start_up_needs_no_training_stack() -> None:
     """Every ``moderation`` command builds the whole command tree first; torch, scipy and timm load only
     inside the commands that use them (a lighter start for the review server, the API and the shell)."""
-    code = (
-        "import sys\n"
-        "import worker.cli.main\n"
-        "heavy = ('torch', 'torchvision', 'timm', 'scipy', 'sklearn', 'pandas')\n"
-        "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n"
+    loaded = heavy_modules_loaded(
+        "import worker.cli.main", ("torch", "torchvision", "timm", "scipy", "sklearn", "pandas")
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "", f"the CLI imported {result.stdout.strip()} at start-up"
+    assert loaded == [], f"the CLI imported {','.join(loaded)} at start-up"
